@@ -1,0 +1,23 @@
+"""Importing ftlab (and what `validate` needs) stays fast: no torch, transformers or TRL."""
+import subprocess, sys, textwrap
+
+
+def _modules_after(code: str) -> set:
+    out = subprocess.run([sys.executable, "-c", textwrap.dedent(code) + "\nimport sys; print(' '.join(sys.modules))"],
+                         capture_output=True, text=True, check=True)
+    return set(out.stdout.split())
+
+
+def test_import_ftlab_does_not_import_torch():
+    mods = _modules_after("import ftlab")
+    assert "torch" not in mods and "transformers" not in mods and "trl" not in mods
+
+
+def test_config_and_cli_do_not_import_torch():
+    mods = _modules_after("import ftlab.config, ftlab.errors, ftlab.cli")
+    assert "torch" not in mods and "datasets" not in mods
+
+
+def test_kernels_ship_as_subpackage():
+    mods = _modules_after("import ftlab.kernels")
+    assert "ftlab.kernels" in mods and "kernels" not in mods

@@ -1,0 +1,103 @@
+"""Training on the tiny model: metrics, saving, resume, interrupt, NaN, and each adapter mode."""
+import json, os, signal, math
+import pytest
+from ftlab.run import Run
+from ftlab.events import read_metrics
+from ftlab.errors import RunError, FtlabError
+
+LORA = "adapter: lora\nlora_r: 8\nlora_alpha: 16\nlora_target_linear: true\nlearning_rate: 0.002\nmicro_batch_size: 8\n"
+
+
+def logs(run):
+    return [r for r in read_metrics(run.output_dir) if r["event"] == "log"]
+
+
+def test_lora_run_learns_and_writes_metrics(make_cfg):
+    run = Run(make_cfg(LORA + "max_steps: 30\nlogging_steps: 1\nsave_steps: 100\n"))
+    run.train()
+    recs = logs(run)
+    assert run.state == "finished" and [r["step"] for r in recs] == list(range(1, 31))
+    first, last = recs[0]["loss"], sum(r["loss"] for r in recs[-5:]) / 5
+    assert last < 0.85 * first, (first, last)
+    assert all(r["tokens_per_second"] > 0 for r in recs[1:])
+    out = run.output_dir
+    assert (out / "config.yaml").exists() and (out / "adapter_model.safetensors").exists()
+    assert (out / "tokenizer.json").exists()
+    events = [r["event"] for r in read_metrics(out)]
+    assert events[0] == "start" and events[-1] == "end"
+    assert list(run.history["step"]) == list(range(1, 31))
+
+
+def test_resume_continues_steps_and_metrics(make_cfg):
+    cfg = make_cfg(LORA + "max_steps: 4\nsave_steps: 2\n")
+    Run(cfg).train()
+    run = Run(cfg.model_copy(update={"max_steps": 6}))
+    run.train(resume=True)
+    recs = read_metrics(run.output_dir)
+    starts = [r for r in recs if r["event"] == "start"]
+    assert [s["step"] for s in starts] == [0, 4]
+    assert [r["step"] for r in recs if r["event"] == "log"] == [1, 2, 3, 4, 5, 6]
+
+
+def test_resume_without_checkpoint_is_a_clear_error(make_cfg):
+    with pytest.raises(RunError) as e:
+        Run(make_cfg(LORA + "max_steps: 2\n")).train(resume=True)
+    assert "no checkpoint" in str(e.value)
+
+
+def test_interrupt_saves_checkpoint_and_resumes(make_cfg):
+    """SIGINT (the notebook's stop button) mid-run: checkpoint at that step, an `interrupted` event, resumable."""
+    from transformers import TrainerCallback
+
+    class StopButton(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step == 3: os.kill(os.getpid(), signal.SIGINT)
+
+    cfg = make_cfg(LORA + "max_steps: 8\nsave_steps: 100\n")
+    run = Run(cfg)
+    run.train(callbacks=[StopButton()])
+    assert run.state == "interrupted" and run.stopped_at == 3
+    assert (run.output_dir / "checkpoint-3").exists()
+    inter = [r for r in read_metrics(run.output_dir) if r["event"] == "interrupted"]
+    assert inter and "resume" in inter[0]["message"].lower()
+    run2 = Run(cfg)
+    run2.train(resume=True)
+    assert run2.state == "finished"
+    assert [r["step"] for r in logs(run2)] == list(range(1, 9))
+
+
+def test_nan_loss_stops_with_step(make_cfg, monkeypatch):
+    import torch, ftlab.run as runmod, ftlab.model as modelmod
+    orig = modelmod.load_model
+    def poisoned(cfg, tok=None):
+        m = orig(cfg, tok)
+        calls = {"n": 0}
+        def hook(mod, args, out):
+            calls["n"] += 1
+            return out * float("nan") if calls["n"] > 2 else out
+        m.get_input_embeddings().register_forward_hook(hook)
+        return m
+    monkeypatch.setattr(modelmod, "load_model", poisoned)
+    run = Run(make_cfg(LORA + "max_steps: 10\n"))
+    with pytest.raises(RunError) as e:
+        run.train()
+    assert "became NaN at step 3" in str(e.value) and "learning rate" in str(e.value)
+    assert [r["step"] for r in logs(run)] == [1, 2, 3]
+
+
+def test_qlora_runs_on_cpu(make_cfg):
+    run = Run(make_cfg("adapter: qlora\nload_in_4bit: true\nlora_target_linear: true\nmax_steps: 3\nmicro_batch_size: 4\n"))
+    run.train()
+    assert run.state == "finished"
+    import bitsandbytes as bnb
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in run.trainer.model.modules())
+    assert all(math.isfinite(r["loss"]) for r in logs(run))
+
+
+@pytest.mark.parametrize("extra", ["peft_use_dora: true\nadapter: lora\nlora_target_linear: true\n",
+                                   "learning_rate: 0.0001\n",
+                                   "adapter: lora\nload_in_8bit: true\nlora_target_linear: true\n"])
+def test_other_modes_run(make_cfg, extra):
+    run = Run(make_cfg(extra + "max_steps: 2\nmicro_batch_size: 4\n"))
+    run.train()
+    assert run.state == "finished" and len(logs(run)) == 2
