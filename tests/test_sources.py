@@ -1,0 +1,66 @@
+"""Dataset sources: files of each format, folders, notebook objects, slices, and clear errors."""
+import json
+import pytest
+from ftlab.sources import load_source, source_fingerprint
+from ftlab.errors import DataError
+
+ROWS = [{"instruction": f"Say {i}", "input": "", "output": str(i)} for i in range(10)]
+
+
+def ds_cfg(make_cfg, path, extra=""):
+    return make_cfg(datasets=f"  - path: '{path}'\n    type: alpaca\n{extra}").datasets[0]
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "json", "csv", "parquet"])
+def test_local_files(make_cfg, tmp_path, fmt):
+    import pandas as pd
+    p = tmp_path / f"rows.{fmt}"
+    df = pd.DataFrame(ROWS)
+    if fmt == "jsonl": p.write_text("\n".join(json.dumps(r) for r in ROWS))
+    if fmt == "json": p.write_text(json.dumps(ROWS))
+    if fmt == "csv": df.to_csv(p, index=False)
+    if fmt == "parquet": df.to_parquet(p)
+    ds = load_source(ds_cfg(make_cfg, p))
+    assert len(ds) == 10 and str(ds[3]["output"]) == "3"
+
+
+def test_folder_of_files_and_slice(make_cfg, tmp_path):
+    d = tmp_path / "folder"; d.mkdir()
+    for k in range(2):
+        (d / f"part{k}.jsonl").write_text("\n".join(json.dumps(r) for r in ROWS[k * 5:(k + 1) * 5]))
+    assert len(load_source(ds_cfg(make_cfg, d))) == 10
+    assert len(load_source(ds_cfg(make_cfg, d, "    split: train[:30%]\n"))) == 3
+
+
+def test_saved_dataset_folder(make_cfg, tmp_path):
+    import datasets
+    datasets.Dataset.from_list(ROWS).save_to_disk(str(tmp_path / "saved"))
+    assert len(load_source(ds_cfg(make_cfg, tmp_path / "saved"))) == 10
+
+
+def test_notebook_objects(make_cfg):
+    import pandas as pd, datasets
+    cfg = ds_cfg(make_cfg, "@rows")
+    for obj in (ROWS, pd.DataFrame(ROWS), datasets.Dataset.from_list(ROWS)):
+        ds = load_source(cfg, {"rows": obj})
+        assert len(ds) == 10 and ds[0]["instruction"] == "Say 0"
+
+
+def test_missing_file_is_named(make_cfg, tmp_path):
+    with pytest.raises(DataError) as e:
+        load_source(ds_cfg(make_cfg, tmp_path / "nope.jsonl"))
+    assert "nope.jsonl" in str(e.value) and "no such file" in str(e.value)
+
+
+def test_hub_id_without_network_is_one_message(make_cfg):
+    with pytest.raises(DataError) as e:
+        load_source(ds_cfg(make_cfg, "someone/some-dataset-that-is-not-cached"))
+    assert "someone/some-dataset-that-is-not-cached" in str(e.value) and "network" in str(e.value)
+
+
+def test_fingerprint_follows_content(make_cfg):
+    cfg = ds_cfg(make_cfg, "@rows")
+    a = source_fingerprint(load_source(cfg, {"rows": ROWS}))
+    assert a == source_fingerprint(load_source(cfg, {"rows": [dict(r) for r in ROWS]}))
+    changed = [dict(r) for r in ROWS]; changed[9]["output"] = "nine"
+    assert a != source_fingerprint(load_source(cfg, {"rows": changed}))
