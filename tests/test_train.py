@@ -101,3 +101,18 @@ def test_other_modes_run(make_cfg, extra):
     run = Run(make_cfg(extra + "max_steps: 2\nmicro_batch_size: 4\n"))
     run.train()
     assert run.state == "finished" and len(logs(run)) == 2
+
+
+def test_local_model_folder_and_missing_model(make_cfg, tmp_path):
+    import shutil
+    from ftlab.assets import embedded_path
+    local = tmp_path / "my-model"
+    shutil.copytree(embedded_path("ftlab:tiny"), local)
+    cfg = make_cfg("max_steps: 1\nmicro_batch_size: 2\n").model_copy(update={"base_model": str(local)})
+    run = Run(cfg)
+    run.train()
+    assert run.state == "finished" and (run.output_dir / "model.safetensors").exists()
+    bad = cfg.model_copy(update={"base_model": str(tmp_path / "nothing-here")})
+    with pytest.raises(FtlabError) as e:
+        Run(bad).train()
+    assert "nothing-here" in str(e.value) and "base_model" in str(e.value)
