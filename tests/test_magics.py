@@ -1,0 +1,128 @@
+"""%%finetune and %ftlab through a real IPython InteractiveShell."""
+import os, signal, subprocess, sys
+import pytest
+from IPython.core.interactiveshell import InteractiveShell
+from IPython.utils.capture import capture_output
+
+
+@pytest.fixture(scope="module")
+def shell():
+    ip = InteractiveShell.instance()
+    ip.run_line_magic("load_ext", "ftlab")
+    return ip
+
+
+def cell(shell, line, body):
+    with capture_output() as cap:
+        result = shell.run_cell_magic("finetune", line, body)
+    return cap, result
+
+
+def html_of(cap):
+    return "\n".join(o.data.get("text/html", "") for o in cap.outputs)
+
+
+def yaml(tmp_path, extra=""):
+    return (f"base_model: ftlab:tiny\nadapter: lora\nlora_target_linear: true\nlearning_rate: 0.002\n"
+            f"micro_batch_size: 4\nsequence_len: 256\noutput_dir: {tmp_path}/out\n"
+            f"datasets:\n  - path: ftlab:data/chat.jsonl\n    type: chat_template\n{extra}")
+
+
+def test_load_ext_is_fast_and_does_not_import_torch():
+    code = ("from IPython.core.interactiveshell import InteractiveShell; ip = InteractiveShell.instance();"
+            "ip.run_line_magic('load_ext', 'ftlab'); import sys;"
+            "assert 'finetune' in ip.magics_manager.magics['cell'] and 'ftlab' in ip.magics_manager.magics['line'];"
+            "print('torch' in sys.modules, 'plotly' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "False"]
+
+
+def test_bad_config_shows_message_with_yaml_line_not_traceback(shell, tmp_path):
+    cap, _ = cell(shell, "", yaml(tmp_path).replace("lora_target_linear: true", "lora_target_lin: true"))
+    h = html_of(cap)
+    assert "ftlab-error" in h and "did you mean" in h and "lora_target_linear" in h
+    assert 'class="ftlab-error-line">   3 │ lora_target_lin: true' in h
+    assert "Traceback" not in cap.stdout + cap.stderr + h
+
+
+def test_bad_flags_are_one_message(shell, tmp_path):
+    cap, _ = cell(shell, "--max-steps many", yaml(tmp_path))
+    assert "bad %%finetune flags" in html_of(cap) and "usage" in html_of(cap)
+
+
+def test_dry_run_shows_plan_and_masks_without_training(shell, tmp_path):
+    cap, _ = cell(shell, "--dry-run --name plan_only", yaml(tmp_path))
+    h = html_of(cap)
+    assert "ftlab-plan" in h and "trainable" in h and "memory (est.)" in h
+    assert "ftlab-tok" in h  # the label-mask preview
+    run = shell.user_ns["plan_only"]
+    assert run.state == "prepared" and not (tmp_path / "out" / "metrics.jsonl").exists()
+
+
+def test_notebook_objects_resolve_by_at_name(shell, tmp_path):
+    shell.user_ns["my_rows"] = [{"messages": [{"role": "user", "content": f"hi {i}"},
+                                              {"role": "assistant", "content": f"hello {i}"}]} for i in range(8)]
+    body = yaml(tmp_path).replace("path: ftlab:data/chat.jsonl", 'path: "@my_rows"')
+    cap, _ = cell(shell, "--dry-run --name at_rows", body)
+    assert "8 train rows" in html_of(cap)
+
+
+def test_training_cell_binds_run_and_streams_dashboard(shell, tmp_path, monkeypatch):
+    import ftlab.dashboard as dash
+    monkeypatch.setattr(dash, "in_notebook", lambda: True)
+    cap, _ = cell(shell, "--name r --max-steps 3", yaml(tmp_path))
+    r = shell.user_ns["r"]
+    assert r.state == "finished" and list(r.history["step"]) == [1, 2, 3]
+    bundles = [o.data for o in cap.outputs]
+    charts = [b for b in bundles if "application/vnd.plotly.v1+json" in b]
+    assert charts and charts[-1]["application/vnd.plotly.v1+json"]["data"][0]["x"] == [1, 2, 3]
+    assert "finished at step 3" in html_of(cap) and "final loss" in html_of(cap)
+
+
+def test_stop_button_then_resume(shell, tmp_path, monkeypatch):
+    from transformers import TrainerCallback
+    from ftlab.run import Run
+
+    class StopButton(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step == 2: os.kill(os.getpid(), signal.SIGINT)
+
+    orig = Run.train
+    monkeypatch.setattr(Run, "train", lambda self, **kw: orig(self, callbacks=[StopButton()], **kw))
+    import ftlab.dashboard as dash
+    monkeypatch.setattr(dash, "in_notebook", lambda: True)
+    cap, _ = cell(shell, "--name stopped --max-steps 4", yaml(tmp_path, "save_steps: 100\n"))
+    assert shell.user_ns["stopped"].state == "interrupted" and "interrupted at step 2" in html_of(cap)
+    monkeypatch.setattr(Run, "train", orig)
+    cap, _ = cell(shell, "--name resumed --max-steps 4 --resume", yaml(tmp_path, "save_steps: 100\n"))
+    r = shell.user_ns["resumed"]
+    assert r.state == "finished" and list(r.history["step"]) == [1, 2, 3, 4]
+    chart = [o.data for o in cap.outputs if "application/vnd.plotly.v1+json" in o.data][-1]
+    assert chart["application/vnd.plotly.v1+json"]["data"][0]["x"] == [1, 2, 3, 4]  # history before the stop kept
+
+
+def test_line_magics(shell, tmp_path):
+    cell(shell, "--name lm --max-steps 2", yaml(tmp_path))
+    with capture_output() as cap:
+        shell.run_line_magic("ftlab", "runs")
+    assert "lm" in cap.outputs[-1].data["text/plain"] and "finished" in cap.outputs[-1].data["text/plain"]
+    with capture_output() as cap:
+        shell.run_line_magic("ftlab", "masks lm 2")
+    assert "ftlab-tok" in cap.outputs[-1].data["text/html"]
+    with capture_output() as cap:
+        shell.run_line_magic("ftlab", f"show {tmp_path}/out")
+    assert "loss" in cap.outputs[-1].data["text/plain"]
+    shell.user_ns["cfg_text"] = yaml(tmp_path)
+    with capture_output() as cap:
+        shell.run_line_magic("ftlab", "validate cfg_text")
+    assert "valid" in cap.outputs[-1].data["text/plain"]
+    with capture_output() as cap:
+        shell.run_line_magic("ftlab", "show nobody")
+    assert "no run called `nobody`" in cap.outputs[-1].data["text/html"]
+
+
+def test_chat_after_run(shell, tmp_path):
+    cell(shell, "--name talk --max-steps 2", yaml(tmp_path))
+    with capture_output() as cap:
+        reply = shell.user_ns["talk"].chat("What is 2 plus 3?", max_new_tokens=8)
+    assert reply and reply in cap.stdout
