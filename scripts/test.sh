@@ -18,4 +18,7 @@ echo "== nbdev_test: notebook lessons"
 .venv/bin/nbdev_test --n_workers 2
 
 echo "== pytest"
+# The browser test needs Debian's chromium; without root it cannot be installed and that test skips
+# (CI sets FTLAB_REQUIRE_BROWSER=1, so there it fails instead).
+bash scripts/ensure_browser.sh || echo "chromium is not installed: the real-browser test will skip"
 .venv/bin/python -m pytest "$@"
