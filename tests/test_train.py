@@ -91,6 +91,11 @@ def test_qlora_runs_on_cpu(make_cfg):
     assert run.state == "finished"
     import bitsandbytes as bnb
     assert any(isinstance(m, bnb.nn.Linear4bit) for m in run.trainer.model.modules())
+    # 4-bit weights count as the parameters they hold: the same totals as the plan built on the meta device.
+    from ftlab.model import count_parameters
+    from ftlab.plan import count_params
+    trainable, total, _ = count_params(run.cfg)
+    assert count_parameters(run.trainer.model) == (trainable, total)
     assert all(math.isfinite(r["loss"]) for r in logs(run))
 
 
