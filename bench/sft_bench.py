@@ -408,19 +408,6 @@ def run_ftlab(a, folder: str, rows: list[dict], meter, info: dict, workdir: Path
     if a.print_config: print(text, flush=True)
     cfg = load_config(text, name="bench")
 
-    # transformers < (the release that renamed it) has no `activation_checkpointing` training argument.
-    from trl import SFTConfig
-    names = {f.name for f in dataclasses.fields(SFTConfig)}
-    if "activation_checkpointing" not in names and not a.no_compat:
-        orig_args = fm.training_args
-        def training_args(*args, **kw):
-            out = orig_args(*args, **kw)
-            for k in ("activation_checkpointing", "activation_checkpointing_kwargs"):
-                if k in out: out[k.replace("activation_", "gradient_")] = out.pop(k)
-            return out
-        fm.training_args = training_args
-        info["ftlab_compat"] = "activation_checkpointing* renamed gradient_checkpointing* for this transformers"
-
     orig_load = fmodel.load_model
     def load_model(*args, **kw):
         t = time.time()
@@ -607,7 +594,6 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--cache", default=DEFAULT_CACHE, help="model folders and scratch (default %(default)s)")
     ap.add_argument("--ftlab-set", action="append", metavar="KEY=VALUE", help="extra ftlab config key (repeatable)")
     ap.add_argument("--print-config", action="store_true", help="print the ftlab YAML config")
-    ap.add_argument("--no-compat", action="store_true", help="run ftlab without the transformers-version shim")
     ap.add_argument("--prepare-model", metavar="NAME", help="only build and save the model folder")
     ap.add_argument("--find-max-seq", action="store_true", help="longest sequence that fits at batch 1")
     ap.add_argument("--seqs", default=MAXSEQ_LADDER,
