@@ -194,6 +194,7 @@ def make_meter():
         "Per-step wall times (synchronized), processed tokens per step, first-step times, losses."
         def __init__(self):
             self.t_train_call = None      # set by the caller just before trainer.train()
+            self.extra = []               # more callbacks to run beside this one (e.g. the profiler)
             self.t_train_begin = None
             self.step_begin, self.step_end, self.tokens, self.losses = [], [], [], []
             self._pending, self._hook, self.params, self.alloc_at_begin = [], None, None, None
@@ -232,6 +233,52 @@ def make_meter():
             if logs and "loss" in logs: self.losses.append(float(logs["loss"]))
 
     return Meter()
+
+
+CATEGORIES = [  # (category, substrings of CUDA kernel names), first match wins
+    ("attention", ("flash", "fmha", "attention", "sdpa", "scaled_dot")),
+    ("matmul", ("gemm", "matmul", "cutlass", "nvjet", "sm90_xmma", "wgmma", "cublas")),
+    ("nf4 dequant", ("dequant", "kdequantize", "kgemm_4bit", "4bit")),
+    ("norm", ("rms", "norm")),
+    ("loss / logits", ("cross_entropy", "log_softmax", "softmax", "nll")),
+    ("optimizer", ("adam", "multi_tensor", "foreach")),
+    ("copy / cast", ("copy", "cast", "convert", "fill", "cat", "index")),
+]
+
+
+def profile_callback(start_step: int, n_steps: int, out_dir: str, tag: str):
+    "A TrainerCallback that profiles optimizer steps start_step..start_step+n_steps-1 and writes the kernel table."
+    import torch
+    from transformers import TrainerCallback
+
+    class Profile(TrainerCallback):
+        def __init__(self): self.prof, self.summary = None, None
+        def on_step_begin(self, args, state, control, **kw):
+            if state.global_step == start_step and self.prof is None:
+                self.prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                                               torch.profiler.ProfilerActivity.CUDA])
+                self.prof.__enter__()
+        def on_step_end(self, args, state, control, **kw):
+            if self.prof is not None and self.summary is None and state.global_step == start_step + n_steps:
+                if torch.cuda.is_available(): torch.cuda.synchronize()
+                self.prof.__exit__(None, None, None)
+                events = [e for e in self.prof.key_averages() if getattr(e, "self_device_time_total", 0) > 0]
+                total = sum(e.self_device_time_total for e in events) or 1
+                cats = {}
+                for e in events:
+                    name = e.key.lower()
+                    cat = next((c for c, subs in CATEGORIES if any(x in name for x in subs)), "other")
+                    cats[cat] = cats.get(cat, 0) + e.self_device_time_total
+                self.summary = {c: round(100 * t / total, 1) for c, t in sorted(cats.items(), key=lambda kv: -kv[1])}
+                top = sorted(events, key=lambda e: -e.self_device_time_total)[:30]
+                lines = [f"{tag}: GPU time by kernel over {n_steps} steps (self device time)", "",
+                         "| share | ms/step | kernel |", "|---|---|---|"]
+                lines += [f"| {100 * e.self_device_time_total / total:.1f}% | {e.self_device_time_total / 1000 / n_steps:.2f} | "
+                          f"`{e.key[:110]}` |" for e in top]
+                lines += ["", "By category: " + ", ".join(f"{c} {v}%" for c, v in self.summary.items())]
+                Path(out_dir).mkdir(parents=True, exist_ok=True)
+                (Path(out_dir) / f"profile-{tag}.md").write_text("\n".join(lines) + "\n")
+    return Profile()
 
 
 def summarize(meter, warmup: int) -> dict:
@@ -364,7 +411,7 @@ def run_trl(a, folder: str, rows: list[dict], meter, info: dict, workdir: Path):
     peft_config = None if a.mode == "full" else LoraConfig(
         r=LORA_R, lora_alpha=LORA_ALPHA, lora_dropout=LORA_DROPOUT, target_modules="all-linear", task_type="CAUSAL_LM")
     trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
-                         peft_config=peft_config, callbacks=[meter])
+                         peft_config=peft_config, callbacks=[meter, *meter.extra])
     info["trainer_init_s"] = round(time.time() - t, 2)
     meter.t_train_call = time.time()
     trainer.train()
@@ -436,7 +483,7 @@ def run_ftlab(a, folder: str, rows: list[dict], meter, info: dict, workdir: Path
     method.build = build
     run = Run(cfg, namespace={"rows": rows})
     try:
-        run.train(callbacks=[meter])
+        run.train(callbacks=[meter, *meter.extra])
     finally:
         method.build = orig_build
     return run.trainer
@@ -469,6 +516,9 @@ def one_run(a) -> dict:
         rows = make_rows(a.data, (a.warmup + a.steps) * a.batch, a.seq, cfg_json["vocab_size"], seed=a.seed)
         if a.device == "cpu" and a.impl == "liger": cpu_liger_reference_ops(); row["liger_ops"] = "cpu check: PyTorch reference maths"
         meter = make_meter()
+        meter.extra = []
+        if a.profile:
+            meter.extra.append(profile_callback(a.warmup, 2, a.profile, f"{a.model}-{a.mode}-{a.impl}-{a.seq}"))
         trainer = (run_ftlab if a.impl == "ftlab" else run_trl)(a, folder, rows, meter, info, workdir)
         row["status"] = "ok"
     except BaseException as e:  # noqa: BLE001 - a failing run is a result too
@@ -479,6 +529,7 @@ def one_run(a) -> dict:
         row["error"] = msg.strip().splitlines()[-1][:400] if msg.strip() else type(e).__name__
         if not oom: traceback.print_exc()
     row.update(info)
+    if meter is not None and meter.extra and meter.extra[0].summary: row["profile_pct"] = meter.extra[0].summary
     if meter is not None:
         row.update(summarize(meter, a.warmup))
         if meter.params: row["params_trainable"], row["params_total"] = meter.params
@@ -584,6 +635,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--impl", choices=["baseline", "liger", "ftlab"], default="baseline")
     ap.add_argument("--seq", type=int, default=4096)
     ap.add_argument("--data", choices=["packed", "mix"], default="packed")
+    ap.add_argument("--profile", default=None, metavar="DIR",
+                    help="profile 2 steps after warm-up with torch.profiler; write DIR/profile-*.md (kernel table)")
     ap.add_argument("--steps", type=int, default=None, help="measured steps after warm-up (default 20; cpu 3)")
     ap.add_argument("--warmup", type=int, default=None, help="warm-up steps, not measured (default 5; cpu 2)")
     ap.add_argument("--batch", type=int, default=1)
