@@ -121,3 +121,17 @@ def test_local_model_folder_and_missing_model(make_cfg, tmp_path):
     with pytest.raises(FtlabError) as e:
         Run(bad).train()
     assert "nothing-here" in str(e.value) and "base_model" in str(e.value)
+
+
+def test_fused_lora_kernels_train_like_peft(make_cfg):
+    """The kernel keys switch on ftlab's fused LoRA projections; the losses match PEFT's own forward."""
+    base = make_cfg(LORA + "max_steps: 5\nsave_steps: 100\n")
+    plain = Run(base)
+    plain.train()
+    fused = Run(base.model_copy(update={"output_dir": str(base.output_dir) + "-fused", "lora_qkv_kernel": True,
+                                        "lora_o_kernel": True, "lora_mlp_kernel": True}))
+    fused.train()
+    notes = [r["message"] for r in fused.records if r["event"] == "note"]
+    assert notes == ["fused LoRA kernels on 28 projections (qkv, o, mlp)"]
+    a, b = [r["loss"] for r in logs(plain)], [r["loss"] for r in logs(fused)]
+    assert len(a) == len(b) == 5 and all(abs(x - y) < 1e-4 for x, y in zip(a, b)), (a, b)
