@@ -21,3 +21,14 @@ def test_config_and_cli_do_not_import_torch():
 def test_kernels_ship_as_subpackage():
     mods = _modules_after("import ftlab.kernels")
     assert "ftlab.kernels" in mods and "kernels" not in mods
+
+
+def test_kernels_import_from_an_uninstalled_source_checkout():
+    """With the repo on PYTHONPATH and nothing installed (as on a bare GPU machine), ftlab.kernels still imports."""
+    import pathlib
+    repo = pathlib.Path(__file__).resolve().parent.parent
+    code = (f"import sys; sys.path.insert(0, {str(repo)!r}); import ftlab.kernels; "
+            "print(ftlab.kernels.__file__); print('kernels' in sys.modules)")
+    out = subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True, check=True, cwd="/")
+    path, top = out.stdout.split()
+    assert path == str(repo / "kernels" / "__init__.py") and top == "False"
