@@ -135,3 +135,11 @@ def test_fused_lora_kernels_train_like_peft(make_cfg):
     assert notes == ["fused LoRA kernels on 28 projections (qkv, o, mlp)"]
     a, b = [r["loss"] for r in logs(plain)], [r["loss"] for r in logs(fused)]
     assert len(a) == len(b) == 5 and all(abs(x - y) < 1e-4 for x, y in zip(a, b)), (a, b)
+
+
+def test_history_has_one_row_per_step_with_eval_beside_train(make_cfg):
+    run = Run(make_cfg(LORA + "max_steps: 4\neval_steps: 2\nval_set_size: 0.1\n"))
+    run.train()
+    h = run.history
+    assert list(h["step"]) == [1, 2, 3, 4] and h["loss"].notna().all()
+    assert list(h["eval_loss"].notna()) == [False, True, False, True]
