@@ -33,8 +33,7 @@ def test_console_script_exit_codes(tmp_path):
     exe = pathlib.Path(sys.executable).parent / "ftlab"
     r = subprocess.run([str(exe), "validate", str(bad)], capture_output=True, text=True)
     assert r.returncode == 2 and "line 2" in r.stderr and "learning_rate" in r.stderr and "Traceback" not in r.stderr
-    r = subprocess.run([str(exe), "validate", "examples/tiny-lora.yaml"], capture_output=True, text=True,
-                       cwd=pathlib.Path(__file__).parent.parent)
+    r = subprocess.run([str(exe), "validate", "ftlab:configs/tiny-lora.yaml"], capture_output=True, text=True, cwd="/")
     assert r.returncode == 0 and r.stdout.startswith("ok:")
 
 

@@ -13,7 +13,7 @@ from ftlab.editor import PRESETS, SECTIONS, ConfigEditor, field_spec, section_of
 from ftlab.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
-ROUND_TRIP = sorted((ROOT / "examples").glob("*.yaml")) + [ROOT / "tests/configs/axolotl_lora_1b.yaml",
+ROUND_TRIP = sorted((ROOT / "ftlab/assets/configs").glob("*.yaml")) + [ROOT / "tests/configs/axolotl_lora_1b.yaml",
                                                            ROOT / "tests/configs/axolotl_qlora_1b.yaml"]
 RED = "#d32f2f"
 
