@@ -14,7 +14,7 @@ from ftlab.errors import ConfigError
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = Path(__file__).parent / "configs"
 BAD = sorted(CONFIGS.glob("bad_*.yaml"))
-EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
+EXAMPLES = sorted((ROOT / "ftlab" / "assets" / "configs").glob("*.yaml"))
 MINIMAL = "base_model: ftlab:tiny\ndatasets:\n  - path: ftlab:data/chat.jsonl\n    type: chat_template\n"
 
 
@@ -182,14 +182,14 @@ def test_to_yaml_keeps_only_set_keys_in_order():
 def test_examples():
     names = {p.name for p in EXAMPLES}
     assert {"tiny-lora.yaml", "tiny-qlora.yaml", "tiny-full.yaml"} <= names
-    lora = load_config(ROOT / "examples" / "tiny-lora.yaml")
+    lora = load_config(ROOT / "ftlab" / "assets" / "configs" / "tiny-lora.yaml")
     assert lora.base_model == "ftlab:tiny" and lora.adapter == "lora" and lora.sequence_len == 256
     assert lora.micro_batch_size == 8 and lora.logging_steps == 1 and lora.output_dir == "./outputs/tiny-lora"
     assert lora.datasets[0].path == "ftlab:data/chat.jsonl" and lora.datasets[0].type == "chat_template"
     assert 1e-3 <= lora.learning_rate <= 5e-3 and (lora.max_steps or 0) <= 200
-    qlora = load_config(ROOT / "examples" / "tiny-qlora.yaml")
+    qlora = load_config(ROOT / "ftlab" / "assets" / "configs" / "tiny-qlora.yaml")
     assert qlora.adapter == "qlora" and qlora.quantization == "4bit"
-    full = load_config(ROOT / "examples" / "tiny-full.yaml")
+    full = load_config(ROOT / "ftlab" / "assets" / "configs" / "tiny-full.yaml")
     assert full.adapter is None and full.quantization is None
     for p in EXAMPLES: assert load_config(p).notes == [], (p, load_config(p).notes)
 
