@@ -19,21 +19,29 @@ from pydantic_core import PydanticCustomError, PydanticUndefined
 from .errors import ConfigError, Problem
 
 # %% auto #0
-__all__ = ['RL_METHODS', 'SUPPORTED_METHODS', 'PACKING_FORBIDDEN', 'GENERATION_METHODS', 'DATASET_TYPES', 'WIRED_TRACKERS',
-           'OPTIMIZERS', 'LR_SCHEDULERS', 'AXOLOTL_OPTIMIZERS', 'AXOLOTL_SCHEDULERS', 'AXOLOTL_ADAPTERS',
-           'AXOLOTL_DATASET_TYPES', 'IGNORED_KEYS', 'IGNORED_PREFIXES', 'UNSUPPORTED_KEYS', 'UNSUPPORTED_PREFIXES',
-           'NEUTRAL_VALUES', 'COVERED_PLUGINS', 'DATASET_IGNORED_KEYS', 'DATASET_UNSUPPORTED_KEYS', 'BoolOrAuto',
-           'Number', 'PositiveNumber', 'TargetModules', 'TrainOnEos', 'AdapterName', 'OptimizerName', 'SchedulerName',
-           'MethodName', 'Choice', 'SpecialTokens', 'DatasetConfig', 'TRLConfig', 'EBFTConfig', 'VLLMConfig', 'Config',
-           'check_supported', 'load_config']
+__all__ = ['RL_METHODS', 'SUPPORTED_METHODS', 'PACKING_FORBIDDEN', 'GENERATION_METHODS', 'METHOD_DATA', 'DATA_KIND_NAMES',
+           'DATASET_TYPES', 'WIRED_TRACKERS', 'OPTIMIZERS', 'LR_SCHEDULERS', 'AXOLOTL_OPTIMIZERS', 'AXOLOTL_SCHEDULERS',
+           'AXOLOTL_ADAPTERS', 'AXOLOTL_PAIR_FORMATS', 'AXOLOTL_DATASET_TYPES', 'IGNORED_KEYS', 'IGNORED_PREFIXES',
+           'UNSUPPORTED_KEYS', 'UNSUPPORTED_PREFIXES', 'NEUTRAL_VALUES', 'COVERED_PLUGINS', 'DATASET_IGNORED_KEYS',
+           'DATASET_UNSUPPORTED_KEYS', 'BoolOrAuto', 'Number', 'PositiveNumber', 'TargetModules', 'TrainOnEos',
+           'AdapterName', 'OptimizerName', 'SchedulerName', 'MethodName', 'Choice', 'SpecialTokens', 'DatasetConfig',
+           'TRLConfig', 'EBFTConfig', 'VLLMConfig', 'Config', 'check_supported', 'load_config']
 
 # %% ../nbs/01_config.ipynb #4e535773
 RL_METHODS = {"dpo", "ipo", "kto", "orpo", "simpo", "grpo", "gdpo", "ebft"}   # every `rl:` value axolotl takes
-SUPPORTED_METHODS = {"sft"}                        # what this version of ftlab can train
-PACKING_FORBIDDEN = set(RL_METHODS)                # preference and RL methods compare whole sequences
+SUPPORTED_METHODS = {"sft", "dpo", "ipo", "kto", "orpo", "simpo", "reward_model", "process_reward_model"}   # what ftlab trains
+PACKING_FORBIDDEN = set(RL_METHODS) | {"reward_model", "process_reward_model"}   # these score whole sequences
 GENERATION_METHODS = {"grpo", "gdpo", "ebft"}      # methods that sample completions and read `trl:` / `vllm:`
-from .strategies import STRATEGIES        # plain stdlib module: no heavy imports
-DATASET_TYPES = STRATEGIES.keys()               # the registered dataset strategies (a live view: new ones count at once)
+# The kind of example each method trains on; dataset strategies are registered per kind (`ftlab.strategies`).
+METHOD_DATA = {"sft": "sft", "dpo": "pairs", "ipo": "pairs", "orpo": "pairs", "simpo": "pairs", "kto": "unpaired",
+               "reward_model": "pairs", "process_reward_model": "stepwise", "grpo": "prompts", "gdpo": "prompts",
+               "ebft": "prompts"}
+DATA_KIND_NAMES = {"sft": "conversations or prompt/response text", "pairs": "preference pairs (prompt, chosen, rejected)",
+                   "unpaired": "completions with a boolean `label` (or preference pairs, split in two)",
+                   "stepwise": "step-by-step solutions with a label per step", "prompts": "prompts"}
+from .strategies import TYPE_NAMES, STRATEGY_KINDS   # plain stdlib modules: no heavy imports
+from .preference_data import FIELD_MAPPING_KEYS      # importing it registers the pair, unpaired and stepwise formats
+DATASET_TYPES = TYPE_NAMES                      # every registered dataset `type` (a live view: new ones count at once)
 WIRED_TRACKERS = {"wandb", "tensorboard", "mlflow"}   # trackers the engine can report to (opt-in per config)
 
 # %% ../nbs/01_config.ipynb #4ca7d90b
@@ -55,13 +63,15 @@ AXOLOTL_OPTIMIZERS = {"optimi_adamw", "ao_adamw_4bit", "ao_adamw_8bit", "ao_adam
                       "came_pytorch", "muon", "dion"}
 AXOLOTL_SCHEDULERS = {"one_cycle", "rex", "log_sweep"}
 AXOLOTL_ADAPTERS = {"llama-adapter"}
+# axolotl's per-template preference formats (`chatml.intel`, `llama3.argilla`, ...): ftlab reads pairs with one
+# `chat_template` strategy and a `chat_template:` name instead
+AXOLOTL_PAIR_FORMATS = {"chatml", "llama3", "zephyr", "user_defined", "chat_template"}
 # axolotl dataset formats ftlab has no strategy for yet, with the way to get the same rows in
 AXOLOTL_DATASET_TYPES = {
     "sharegpt": "use `type: chat_template` with `field_messages: conversations` and "
                 "`message_property_mappings: {role: from, content: value}`",
     "pretrain": "use `type: completion` for raw text",
-    "stepwise_supervised": "process reward models are not built yet",
-    "bradley_terry": "reward models are not built yet",
+
     **{t: "convert the rows to messages (`type: chat_template`) or to instruction/input/output (`type: alpaca`)"
        for t in ("alpaca_chat", "alpaca_w_system", "context_qa", "explainchoice", "concisechoice", "summarizetldr",
                  "gpteacher", "jeopardy", "oasst", "metharme", "pygmalion", "reflection", "orcamini", "llama2_chat",
@@ -312,7 +322,12 @@ TargetModules = Annotated[str | list[str], BeforeValidator(_text_or_list)]
 _DOTTED = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)+$")
 
 def _dataset_type(v, info):
-    if v is None or isinstance(v, dict): return v
+    if v is None: return v
+    if isinstance(v, dict):
+        bad = [str(k) for k in v if k not in FIELD_MAPPING_KEYS]
+        if bad: raise _bad(f"unknown key(s) {', '.join(bad)} in the `type` field mapping",
+                           f"a field mapping takes {', '.join(sorted(FIELD_MAPPING_KEYS))}")
+        return v
     fix = "use `type: chat_template` (message lists), `alpaca`, `input_output`, `completion`, an import path such as `my_module.transform`, or `\"@my_function\"` for a notebook function"
     if not isinstance(v, str) or not v.strip(): raise _bad(f"type must be a dataset format name; got {_desc(v)}", fix)
     base = v.split(":")[0]
@@ -426,6 +441,14 @@ class DatasetConfig(_Section):
     field_output: str | None = _F(None, "alpaca: output column (default `output`)")
     # completion
     field: str | None = _F("text", "completion: text column")
+    # preference pairs, KTO, process reward models
+    field_prompt: str | None = _F(None, "pairs / KTO: prompt column (default `prompt`, else `input`, `question`, or the messages column)")
+    field_chosen: str | None = _F(None, "pairs: preferred response column (default `chosen`)")
+    field_rejected: str | None = _F(None, "pairs: dispreferred response column (default `rejected`)")
+    field_completion: str | None = _F(None, "KTO: completion column (default `completion`)")
+    field_label: str | None = _F(None, "KTO: boolean column, true = desirable (default `label`)")
+    step_separator: str | None = _F(None, "stepwise_supervised: text put after each step (default a newline)")
+    train_on_last_step_only: bool | None = _F(None, "stepwise_supervised: label only the last step")
 
     @property
     def property_mappings(self) -> dict[str, str]:
@@ -444,7 +467,12 @@ _TYPE_KEYS = {
     "alpaca": {"field_instruction", "field_input", "field_output", "field_system"},
     "completion": {"field"},
     "input_output": set(),
+    "chat_template.default": {"field_messages", "message_property_mappings", "message_field_role", "message_field_content",
+                              "field_system", "roles", "field_prompt", "field_chosen", "field_rejected", "chat_template",
+                              "drop_system_message", "field_completion", "field_label"},
+    "stepwise_supervised": {"field_prompt", "step_separator", "train_on_last_step_only"},
 }
+_TYPE_KEYS["bradley_terry.chat_template"] = _TYPE_KEYS["chat_template.argilla_chat"] = _TYPE_KEYS["chat_template.default"]
 
 # %% ../nbs/01_config.ipynb #8b094b56
 class TRLConfig(_Section):
@@ -1161,11 +1189,37 @@ _LORA_KEYS = ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "lo
               "lora_modules_to_save", "lora_fan_in_fan_out", "peft_use_dora", "peft_use_rslora", "lora_model_dir")
 _METHOD_KEYS = {  # key (or prefix ending in _) -> methods that read it
     "dpo_": {"dpo", "ipo"}, "rpo_alpha": {"dpo", "ipo"}, "precompute_ref_log_probs": {"dpo", "ipo", "kto"},
-    "orpo_alpha": {"orpo"}, "simpo_gamma": {"simpo"}, "cpo_alpha": {"simpo"}, "kto_": {"kto"}, "rl_beta": RL_METHODS,
+    "orpo_alpha": {"orpo"}, "simpo_gamma": {"simpo"}, "cpo_alpha": {"simpo"}, "kto_": {"kto"},
+    "rl_beta": RL_METHODS - {"orpo"},
 }
 
 def _set(model, name) -> bool:
     return name in model.model_fields_set
+
+def _method_words(m: str) -> str:
+    return f"`rl: {m}`" if m in RL_METHODS else ("supervised fine-tuning" if m == "sft" else f"`{m}: true`")
+
+def _accepted_types(kind: str) -> set[str]:
+    "Dataset type names a method reading `kind` examples accepts (KTO also takes pairs, split in two)."
+    names = set(STRATEGY_KINDS.get(kind, {}))
+    return names | set(STRATEGY_KINDS.get("pairs", {})) if kind == "unpaired" else names
+
+def _format_problem(t, m: str) -> tuple[str, str] | None:
+    "(message, fix) when dataset `type: t` cannot feed method `m`."
+    kind = METHOD_DATA.get(m, "sft")
+    if kind not in STRATEGY_KINDS: return None   # a method this version does not run: reported elsewhere
+    ok = _accepted_types(kind)
+    if isinstance(t, dict):
+        if kind in ("pairs", "unpaired"): return None
+        return (f"a field mapping as `type` is a format for preference data; {_method_words(m)} trains on {DATA_KIND_NAMES[kind]}",
+                f"use `type:` one of {_names(sorted(ok))}")
+    if not isinstance(t, str) or t not in DATASET_TYPES or t in ok: return None
+    return (f"`type: {t}` is not a format {_method_words(m)} can read: it trains on {DATA_KIND_NAMES[kind]}",
+            f"use `type:` one of {_names(sorted(ok))}, or an import path / `@function` returning rows of that shape")
+
+def _type_keys_name(t: str, m: str) -> str:
+    "The `_TYPE_KEYS` entry for `type: t` under method `m` (`chat_template` means the pair format for preference methods)."
+    return "chat_template.default" if t == "chat_template" and METHOD_DATA.get(m, "sft") in ("pairs", "unpaired") else t
 
 def _cross_checks(cfg: Config, require_datasets: bool, where: _Where | None = None):
     "[(path, message, fix, involved paths)], [(path, note)]."
@@ -1196,8 +1250,10 @@ def _cross_checks(cfg: Config, require_datasets: bool, where: _Where | None = No
             if ds.path == "?": continue
             if ds.type is None:
                 note(dp, f"`{_key(dp)}` has no `type`: the format is picked from the columns (messages → chat_template, instruction/output → alpaca, text → completion); write `type:` to be explicit")
-            elif isinstance(ds.type, str) and ds.type in _TYPE_KEYS:
-                other = [k for k in ds.model_fields_set if any(k in keys for keys in _TYPE_KEYS.values()) and k not in _TYPE_KEYS[ds.type]]
+            elif (fmt := _format_problem(ds.type, m)) is not None:
+                err(dp + ("type",), *fmt, ("rl",) if cfg.rl else (m,))
+            elif isinstance(ds.type, str) and (tk := _type_keys_name(ds.type, m)) in _TYPE_KEYS:
+                other = [k for k in ds.model_fields_set if any(k in keys for keys in _TYPE_KEYS.values()) and k not in _TYPE_KEYS[tk]]
                 for k in sorted(other):
                     note(dp + (k,), f"`{_key(dp + (k,))}` is not read by `type: {ds.type}`; ignored")
             if ds.shards_idx is not None and (ds.shards is None or ds.shards_idx >= ds.shards):
@@ -1383,9 +1439,10 @@ def _support_problems(cfg: Config, where: _Where) -> list[tuple]:
     for group in ("datasets", "test_datasets"):
         for i, ds in enumerate(getattr(cfg, group) or []):
             t, p = ds.type, (group, i, "type")
-            if isinstance(t, dict):
-                out.append((p, "an inline format mapping under `type:` is not supported yet in this version of ftlab",
-                            "map the columns with `field_instruction` / `field_input` / `field_output` and `type: alpaca`, or write a transform (`type: my_module.transform`)"))
+            if isinstance(t, str) and t.split(".")[0] in AXOLOTL_PAIR_FORMATS and t not in DATASET_TYPES:
+                out.append((p, f"`type: {t}` (an axolotl prompt format) is not supported yet in this version of ftlab",
+                            "use `type: chat_template` and name the template with `chat_template:` (e.g. chatml, llama3); "
+                            "map columns with `field_prompt` / `field_chosen` / `field_rejected` where they differ"))
             elif isinstance(t, str) and not t.startswith("@") and "." not in t:
                 base = t.split(":")[0]
                 if base in AXOLOTL_DATASET_TYPES:

@@ -779,7 +779,8 @@ base_model: ftlab:tiny
 rl: dpo
 rl_beta: 0.1
 datasets:
-  - path: "@pairs"
+  - path: ftlab:data/preference.jsonl
+    type: chat_template
 sequence_len: 256
 adapter: lora
 lora_r: 16

@@ -9,7 +9,9 @@ from dataclasses import dataclass
 from typing import Callable
 
 # %% auto #0
-__all__ = ['SFT_RULES', 'Rule', 'nonfinite_loss', 'grad_spike', 'grad_zero', 'loss_flat', 'overfitting', 'HealthMonitor']
+__all__ = ['SFT_RULES', 'PREFERENCE_RULES', 'REWARD_RULES', 'Rule', 'nonfinite_loss', 'grad_spike', 'grad_zero', 'loss_flat',
+           'overfitting', 'HealthMonitor', 'margins_negative', 'accuracy_low', 'both_rewards_falling',
+           'rejected_logps_rising', 'pair_accuracy_low']
 
 # %% ../nbs/14_health.ipynb #f5b12351
 @dataclass
@@ -89,3 +91,58 @@ class HealthMonitor:
                 self.fired.add(rule.name)
                 out.append({"event": "health", "step": record.get("step"), "rule": rule.name, "message": msg, "fix": rule.fix})
         return out
+
+# %% ../nbs/14_health.ipynb #5e451013
+def _window(recs, key, n: int = 5, min_logs: int = 10):
+    "(first n, last n, number of logs) of a metric once at least `min_logs` values exist, else None."
+    v = [x for _, x in _vals(recs, key) if math.isfinite(x)]
+    return (v[:n], v[-n:], len(v)) if len(v) >= max(min_logs, 2 * n) else None
+
+def margins_negative(logs, evals):
+    w = _window(logs, "rewards/margins")
+    if w and _mean(w[1]) < 0:
+        return f"reward margins are negative (mean {_mean(w[1]):.3f} over the last {len(w[1])} logs): the model prefers the rejected responses"
+    return None
+
+def accuracy_low(logs, evals):
+    w = _window(logs, "rewards/accuracies", min_logs=20)
+    if w and _mean(w[1]) < 0.5:
+        return f"reward accuracy is {_mean(w[1]):.2f} after {w[2]} logs, worse than chance"
+    return None
+
+def both_rewards_falling(logs, evals, tol: float = 0.05):
+    c, r = _window(logs, "rewards/chosen"), _window(logs, "rewards/rejected")
+    if not (c and r): return None
+    dc, dr = _mean(c[1]) - _mean(c[0]), _mean(r[1]) - _mean(r[0])
+    if dc < -tol and dr < -tol:
+        return (f"chosen and rejected rewards are both falling (chosen {dc:+.3f}, rejected {dr:+.3f}): the model makes both "
+                "responses less likely. That is common and fine while the margin grows and samples stay good; it is a "
+                "problem if the chosen response's likelihood keeps collapsing")
+    return None
+
+def rejected_logps_rising(logs, evals, tol: float = 0.1):
+    """The rejected responses more likely than under the reference model (their reward, a log-ratio, above `tol`).
+    Raw `logps/rejected` swing with what each batch holds; the reward compares each response with itself under the
+    reference. Methods without a reference (ORPO, SimPO) log rewards that are always negative and never fire this."""
+    w = _window(logs, "rewards/rejected")
+    if w and _mean(w[1]) > tol:
+        return (f"the rejected responses have become more likely than under the reference model (reward "
+                f"{_mean(w[1]):+.3f} over the last {len(w[1])} logs)")
+    return None
+
+def pair_accuracy_low(logs, evals, n: int = 2):
+    e = [v for _, v in _vals(evals, "eval_accuracy")]
+    if len(e) >= n and all(v <= 0.55 for v in e[-n:]):
+        return f"the reward model ranks held-out pairs at {e[-1]:.2f} accuracy, near chance (0.5), for {n} evaluations"
+    return None
+
+_GRAD_RULES = [r for r in SFT_RULES if r.name in ("nonfinite_loss", "grad_spike", "grad_zero")]
+PREFERENCE_RULES = _GRAD_RULES + [
+    Rule("margins_negative", margins_negative, "check that chosen and rejected are not swapped (`run.masks()` shows each pair), then lower the learning rate or raise beta (`rl_beta`)"),
+    Rule("accuracy_low", accuracy_low, "check the pairs are the right way round and differ in something learnable; lower the learning rate if the metrics swing"),
+    Rule("both_rewards_falling", both_rewards_falling, "if samples degrade or the chosen reward keeps dropping, add `rpo_alpha: 1.0` (an NLL term on the chosen response), raise beta or lower the learning rate"),
+    Rule("rejected_logps_rising", rejected_logps_rising, "lower the learning rate, raise beta, and check for swapped pairs"),
+]
+REWARD_RULES = _GRAD_RULES + [
+    Rule("pair_accuracy_low", pair_accuracy_low, "check the pairs differ in what the model can see (not only in truncated text: raise `sequence_len`), train longer or raise the learning rate"),
+]

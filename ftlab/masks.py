@@ -8,9 +8,23 @@ from dataclasses import dataclass, field, asdict
 from .strategies import IGNORE, special_ids
 
 # %% auto #0
-__all__ = ['ANSI', 'MaskReport', 'token_view', 'visible', 'render_ansi']
+__all__ = ['ANSI', 'sequences', 'trains', 'MaskReport', 'token_view', 'visible', 'render_ansi']
 
 # %% ../nbs/06_masks.ipynb #74828e0e
+def sequences(ex: dict) -> list[tuple[str, list[int], list[int]]]:
+    "The sequences an example trains, as (name, input_ids, labels): one for most rows, chosen and rejected for a pair."
+    if "chosen_ids" in ex:
+        p = list(ex["prompt_ids"])
+        return [(side, p + list(ex[f"{side}_ids"]), [IGNORE] * len(p) + list(ex[f"{side}_ids"])) for side in ("chosen", "rejected")]
+    if "completion_ids" in ex:
+        p, c = list(ex["prompt_ids"]), list(ex["completion_ids"])
+        return [("desirable" if ex["label"] else "undesirable", p + c, [IGNORE] * len(p) + c)]
+    return [("", list(ex["input_ids"]), list(ex["labels"]))]
+
+def trains(ex: dict) -> bool:
+    "Whether an example can be trained: its prompt fits and each of its sequences trains a token."
+    return not ex.get("prompt_too_long") and all(any(l != IGNORE for l in labels) for _, _, labels in sequences(ex))
+
 @dataclass
 class MaskReport:
     "Counts and troubled rows of a prepared dataset. Rows are named `source#index`."
@@ -21,14 +35,19 @@ class MaskReport:
     eot_untrained: list[str] = field(default_factory=list)
     truncated: list[str] = field(default_factory=list)
     kept_tokens: int = 0
+    prompt_too_long: list[str] = field(default_factory=list)
 
     def add(self, ex: dict, name: str):
-        "Account for one tokenized example."
-        n = sum(1 for l in ex["labels"] if l != IGNORE)
-        self.rows += 1; self.tokens += len(ex["input_ids"]); self.trained_tokens += n
-        if n == 0:  # dropped; a response cut away entirely by sequence_len is reported here, once
+        "Account for one tokenized example (for a pair: both of its sequences)."
+        seqs = sequences(ex)
+        counts = [sum(1 for l in labels if l != IGNORE) for _, _, labels in seqs]
+        n_tokens = sum(len(ids) for _, ids, _ in seqs)
+        self.rows += 1; self.tokens += n_tokens; self.trained_tokens += sum(counts)
+        if ex.get("prompt_too_long"):
+            self.prompt_too_long.append(name); return
+        if min(counts) == 0:  # dropped; a response cut away entirely by sequence_len is reported here, once
             self.no_trained.append(name); return
-        self.kept_tokens += len(ex["input_ids"])
+        self.kept_tokens += n_tokens
         if ex.get("eot_trained") is False: self.eot_untrained.append(name)
         if ex.get("truncated"): self.truncated.append(name)
 
@@ -47,6 +66,10 @@ class MaskReport:
         if self.truncated:
             out.append(f"{len(self.truncated)} rows were cut by `sequence_len` inside a trained response ({few(self.truncated)}). "
                        "Raise `sequence_len` or shorten these rows.")
+        if self.prompt_too_long:
+            out.append(f"{len(self.prompt_too_long)} of {self.rows} rows have a prompt of `sequence_len` tokens or more, "
+                       f"leaving no room for the response, and were dropped ({few(self.prompt_too_long)}). "
+                       "Raise `sequence_len` or shorten these prompts.")
         return out
 
     def to_dict(self) -> dict: return asdict(self)
@@ -55,9 +78,10 @@ class MaskReport:
     def from_dict(cls, d: dict) -> "MaskReport": return cls(**d)
 
     def summary(self) -> str:
-        kept = self.rows - len(self.no_trained)
+        kept = self.rows - len(self.no_trained) - len(self.prompt_too_long)
         pct = 100 * self.trained_tokens / max(self.kept_tokens, 1)
         dropped = f" ({len(self.no_trained)} dropped: no trained token)" if self.no_trained else ""
+        if self.prompt_too_long: dropped += f" ({len(self.prompt_too_long)} dropped: prompt too long)"
         return f"{kept} rows{dropped}, {self.kept_tokens} tokens, {self.trained_tokens} trained ({pct:.1f}%)"
 
 # %% ../nbs/06_masks.ipynb #012f2b7c

@@ -40,6 +40,8 @@ def register_method(name: str, description: str = "", panels=(), rules=()):
     return deco
 
 def get_method(cfg) -> Method:
+    "The registry entry for the config's method; the built-in preference and reward methods register on first use."
+    import ftlab.preference, ftlab.reward  # noqa: F401  (importing them registers their methods)
     name = cfg.method
     if name not in METHODS:
         raise FtlabError(f"`{name}` is not supported yet in this version of ftlab", key="rl",

@@ -8,8 +8,9 @@ from .errors import FtlabError
 from .tokenizer import model_path, _load_error
 
 # %% auto #0
-__all__ = ['KERNEL_KEYS', 'device_info', 'torch_dtype', 'attn_implementation', 'attention_note', 'quantization_config',
-           'load_model', 'lora_config', 'load_adapter', 'apply_kernels', 'count_parameters']
+__all__ = ['MODEL_HEADS', 'KERNEL_KEYS', 'device_info', 'torch_dtype', 'attn_implementation', 'attention_note',
+           'quantization_config', 'model_head', 'load_model', 'lora_config', 'load_adapter', 'apply_kernels',
+           'count_parameters']
 
 # %% ../nbs/08_model.ipynb #a4f255bd
 def device_info() -> dict:
@@ -52,24 +53,40 @@ def quantization_config(cfg, dtype):
                               bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_storage=dtype)
 
 # %% ../nbs/08_model.ipynb #98a51380
+# Reward models put a scoring head on the base model: one score per sequence (outcome) or two classes per token
+# (process: is this step correct?). The head is new and trained; with LoRA, PEFT keeps it trainable by task type.
+MODEL_HEADS = {"reward_model": ("AutoModelForSequenceClassification", 1, "SEQ_CLS"),
+               "process_reward_model": ("AutoModelForTokenClassification", 2, "TOKEN_CLS")}
+
+def model_head(cfg) -> tuple[str, int | None, str]:
+    "(transformers auto class, num_labels, PEFT task type) for the config's method."
+    auto, labels, task = MODEL_HEADS.get(cfg.method, ("AutoModelForCausalLM", None, "CAUSAL_LM"))
+    return cfg.model_type or auto, cfg.num_labels or labels, task
+
 def load_model(cfg, tokenizer=None):
     "The base model for `cfg`, quantized if asked, embeddings resized to the tokenizer. No adapter yet."
-    from transformers import AutoModelForCausalLM
+    import transformers
+    auto, num_labels, _ = model_head(cfg)
+    model_class = getattr(transformers, auto, None)
+    if model_class is None or not auto.startswith("AutoModel"):
+        raise FtlabError(f"`model_type: {auto}` is not a transformers auto class", key="model_type",
+                         fix="use AutoModelForCausalLM, AutoModelForSequenceClassification or AutoModelForTokenClassification")
     dtype = torch_dtype(cfg)
     name = cfg.base_model
     kw = dict(dtype=dtype, attn_implementation=attn_implementation(cfg), trust_remote_code=cfg.trust_remote_code)
     q = quantization_config(cfg, dtype)
     if q is not None: kw["quantization_config"] = q
     if cfg.revision_of_model: kw["revision"] = cfg.revision_of_model
+    if num_labels is not None: kw["num_labels"] = num_labels
     try:
-        model = AutoModelForCausalLM.from_pretrained(model_path(name), **kw)
+        model = model_class.from_pretrained(model_path(name), **kw)
     except Exception as e:
         raise _load_error("model", name, e, "base_model") from None
     if tokenizer is not None and len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(len(tokenizer))
     if tokenizer is not None:
         model.config.pad_token_id = tokenizer.pad_token_id
-        if model.generation_config is not None: model.generation_config.pad_token_id = tokenizer.pad_token_id
+        if getattr(model, "generation_config", None) is not None: model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.config.use_cache = False  # training; generation turns it back on
     return model
 
@@ -81,10 +98,13 @@ def lora_config(cfg):
     targets = cfg.lora_target_modules
     if cfg.lora_target_linear: targets = "all-linear"
     elif not targets: targets = None  # PEFT's defaults for known architectures
+    task = model_head(cfg)[2]
     return LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules=targets,
                       modules_to_save=cfg.lora_modules_to_save or None, use_dora=bool(cfg.peft_use_dora),
                       use_rslora=bool(cfg.peft_use_rslora), fan_in_fan_out=bool(cfg.lora_fan_in_fan_out),
-                      bias="none", task_type="CAUSAL_LM")
+                      bias="none", task_type=task,
+                      # a scoring head is trained whole (PEFT's task type saves it), never also given LoRA
+                      exclude_modules=["score", "classifier"] if task != "CAUSAL_LM" else None)
 
 def load_adapter(model, cfg):
     "Continue from a saved adapter (`lora_model_dir`), trainable."

@@ -10,11 +10,12 @@ from pathlib import Path
 from .errors import FtlabError, DataError
 from .strategies import STRATEGIES, StrategyContext, infer_type, custom_transform, is_custom_type, resolve_callable
 from .sources import load_source, source_fingerprint
-from .masks import MaskReport
+from .masks import MaskReport, trains
+from .preference_data import strategies_for, infer_pref_type
 
 # %% auto #0
-__all__ = ['META', 'CACHE_FORMAT', 'tokenize_dataset', 'tokenizer_fingerprint', 'load_sources', 'cache_key', 'prepared_root',
-           'Prepared', 'prepare_datasets']
+__all__ = ['META', 'CACHE_FORMAT', 'data_kind', 'tokenize_dataset', 'tokenizer_fingerprint', 'load_sources', 'cache_key',
+           'prepared_root', 'Prepared', 'prepare_datasets']
 
 # %% ../nbs/07_prepare.ipynb #d86540d6
 META = ["truncated", "eot_trained", "source", "row"]
@@ -25,10 +26,21 @@ def _strategy_for(ds_cfg, cfg, raw, namespace):
     if is_custom_type(t):
         map_fn, kw = custom_transform(t, cfg, namespace)
         return None, (map_fn, kw)
-    name = t or infer_type(raw.column_names) or "chat_template"
-    if name not in STRATEGIES:
-        raise FtlabError(f"unknown dataset type `{name}`", fix=f"use one of: {', '.join(sorted(STRATEGIES))}, or a transform import path")
-    return STRATEGIES[name], None
+    kind = data_kind(cfg)
+    table = strategies_for(kind)
+    name = "user_defined" if isinstance(t, dict) else (t or _infer(kind, raw.column_names) or "chat_template")
+    if name not in table:
+        raise FtlabError(f"dataset type `{name}` does not fit method `{cfg.method}`",
+                         fix=f"use one of: {', '.join(sorted(table))}, or a transform import path")
+    return table[name], None
+
+def data_kind(cfg) -> str:
+    "The kind of example the config's method trains on (`sft`, `pairs`, `unpaired`, `stepwise`)."
+    from ftlab.config import METHOD_DATA
+    return METHOD_DATA.get(cfg.method, "sft")
+
+def _infer(kind: str, columns) -> str | None:
+    return infer_type(columns) if kind == "sft" else infer_pref_type(kind, columns)
 
 def _apply_transform(raw, map_fn, kw, tokenizer, source):
     remove = kw.get("remove_columns")
@@ -53,11 +65,15 @@ def tokenize_dataset(ds_cfg, cfg, tokenizer, namespace=None, report: MaskReport 
     rows = _apply_transform(raw, *transform, tokenizer, source) if transform else raw
     if strategy is None:
         cols = rows[0].keys() if rows else []
-        name = infer_type(cols)
+        kind = data_kind(cfg)
+        name = _infer(kind, cols)
         if name is None:
+            want = ("`messages`, `segments`, `text`, `instruction`/`output`, or `input_ids`/`labels`" if kind == "sft" else
+                    {"pairs": "`prompt`, `chosen` and `rejected`", "unpaired": "`prompt`, `completion` and `label`",
+                     "stepwise": "`prompt`, `completions` and `labels`"}.get(kind, "the method's columns"))
             raise DataError(f"the transform's rows have columns {', '.join(cols)}, which no strategy reads", source=source,
-                            fix="return `messages`, `segments`, `text`, `instruction`/`output`, or `input_ids`/`labels`")
-        strategy = STRATEGIES[name]
+                            fix=f"return {want}")
+        strategy = strategies_for(kind)[name]
     ctx = StrategyContext(tokenizer, ds_cfg, cfg)
     out = []
     for i, row in enumerate(rows):
@@ -91,14 +107,14 @@ def load_sources(cfg, namespace=None) -> dict:
             for i, d in enumerate(getattr(cfg, g) or [])}
 
 # Bumped whenever what is stored changes shape (columns, report fields), so old caches are not read back.
-CACHE_FORMAT = 2
+CACHE_FORMAT = 3
 
 def cache_key(cfg, tokenizer, namespace=None, raws: dict | None = None) -> str:
     "Hash of everything the prepared data depends on."
     raws = load_sources(cfg, namespace) if raws is None else raws
     import ftlab
     parts = {"version": ftlab.__version__, "format": CACHE_FORMAT, "tokenizer": tokenizer_fingerprint(tokenizer),
-             "sequence_len": cfg.sequence_len, "train_on_inputs": cfg.train_on_inputs, "seed": cfg.seed,
+             "sequence_len": cfg.sequence_len, "train_on_inputs": cfg.train_on_inputs, "seed": cfg.seed, "kind": data_kind(cfg),
              "val_set_size": cfg.val_set_size, "shuffle": cfg.shuffle_merged_datasets, "sets": []}
     for group in ("datasets", "test_datasets"):
         for i, d in enumerate(getattr(cfg, group) or []):
@@ -133,7 +149,7 @@ def _build(cfg, tokenizer, namespace, raws):
              for ex in tokenize_dataset(d, cfg, tokenizer, namespace, report, raws["datasets", i])]
     test = [ex for i, d in enumerate(cfg.test_datasets or [])
             for ex in tokenize_dataset(d, cfg, tokenizer, namespace, None, raws["test_datasets", i])]
-    keep = lambda exs: [ex for ex in exs if any(l != -100 for l in ex["labels"])]
+    keep = lambda exs: [ex for ex in exs if trains(ex)]
     train = datasets.Dataset.from_list(keep(train))
     if len(train) == 0:
         raise DataError("no row trains any token", fix="; ".join(report.warnings()) or "check the dataset types")

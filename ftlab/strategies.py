@@ -8,25 +8,39 @@ import bisect, importlib
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Callable
+from collections.abc import Set
 from .errors import FtlabError, DataError
 
 IGNORE = -100  # label of a token that is not trained
 
 # %% auto #0
-__all__ = ['IGNORE', 'STRATEGIES', 'DEFAULT_ROLE_MAP', 'ALPACA_PROMPT', 'ALPACA_PROMPT_NO_INPUT', 'register_strategy',
-           'StrategyContext', 'special_ids', 'example', 'get_messages', 'chat_template', 'alpaca', 'input_output',
-           'completion', 'tokenized', 'infer_type', 'prompt_completion', 'resolve_callable', 'custom_transform',
-           'is_custom_type']
+__all__ = ['IGNORE', 'STRATEGY_KINDS', 'STRATEGIES', 'TYPE_NAMES', 'DEFAULT_ROLE_MAP', 'ALPACA_PROMPT', 'ALPACA_PROMPT_NO_INPUT',
+           'register_strategy', 'StrategyContext', 'special_ids', 'example', 'get_messages', 'normalize_messages',
+           'chat_template', 'alpaca', 'input_output', 'completion', 'tokenized', 'infer_type', 'prompt_completion',
+           'resolve_callable', 'custom_transform', 'is_custom_type']
 
 # %% ../nbs/05_strategies.ipynb #7e7894ba
-STRATEGIES: dict[str, Callable] = {}
+# Strategies by the kind of example they produce; a method reads one kind (see `ftlab.config.METHOD_DATA`):
+# sft → input_ids + labels, pairs → prompt_ids + chosen_ids + rejected_ids, unpaired → prompt_ids + completion_ids
+# + label, stepwise → input_ids + per-step labels. The same `type` name can mean a different strategy per kind.
+STRATEGY_KINDS: dict[str, dict[str, Callable]] = {"sft": {}}
+STRATEGIES = STRATEGY_KINDS["sft"]
 
-def register_strategy(name: str):
-    "Register `fn(row, ctx) -> list[dict]` as the strategy for dataset `type: name`."
+def register_strategy(name: str, kind: str = "sft"):
+    "Register `fn(row, ctx) -> list[dict]` as the strategy for dataset `type: name` when the method reads `kind` rows."
     def deco(fn):
-        STRATEGIES[name] = fn
+        STRATEGY_KINDS.setdefault(kind, {})[name] = fn
         return fn
     return deco
+
+class _TypeNames(Set):
+    "Every registered dataset `type` name, of every kind: a live view, so strategies registered later count at once."
+    def _names(self): return {n for kind in STRATEGY_KINDS.values() for n in kind}
+    def __contains__(self, name): return any(name in kind for kind in STRATEGY_KINDS.values())
+    def __iter__(self): return iter(sorted(self._names()))
+    def __len__(self): return len(self._names())
+
+TYPE_NAMES = _TypeNames()
 
 @dataclass
 class StrategyContext:
@@ -69,7 +83,11 @@ def get_messages(row: dict, ctx: StrategyContext) -> list[dict]:
     if field_name not in row:
         raise FtlabError(f"no `{field_name}` column (columns: {', '.join(row)})",
                          fix="set `field_messages:` to the column that holds the conversation")
-    raw = row[field_name]
+    return normalize_messages(row[field_name], ctx, field_name)
+
+def normalize_messages(raw, ctx: StrategyContext, what: str = "messages") -> list[dict]:
+    "A message list from the data as `[{'role', 'content'}]`: property mappings, role names and `drop_system_message` applied."
+    ds, field_name = ctx.ds, what
     if not isinstance(raw, list) or not raw:
         raise FtlabError(f"`{field_name}` must be a non-empty list of messages, got {type(raw).__name__}")
     mapping = dict(ds.message_property_mappings or {})
@@ -264,4 +282,6 @@ def custom_transform(type_name: str, cfg, namespace=None):
                          fix="end it with `return map_fn, {\"remove_columns\": [...]}`")
     return out
 
-def is_custom_type(t: str | None) -> bool: return bool(t) and (t.startswith("@") or "." in t)
+def is_custom_type(t) -> bool:
+    "A user transform (`@fn` or `module.fn`) rather than a registered name such as `chat_template.default`."
+    return isinstance(t, str) and t not in TYPE_NAMES and (t.startswith("@") or "." in t)

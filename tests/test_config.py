@@ -257,12 +257,13 @@ def test_dataset_without_type_is_a_note():
 
 
 def test_support_check_is_separate():
-    text = MINIMAL.replace("base_model: ftlab:tiny\n", "base_model: ftlab:tiny\nrl: kto\n")
+    text = MINIMAL.replace("base_model: ftlab:tiny\n", "base_model: ftlab:tiny\nrl: grpo\ntrl: {reward_funcs: [rewards.accuracy]}\n")
     err = errors_of(text)
-    assert str(err) == ("line 2, key `rl`: `rl: kto` is not supported yet in this version of ftlab (it runs: sft)\n"
+    assert str(err) == ("line 2, key `rl`: `rl: grpo` is not supported yet in this version of ftlab (it runs: dpo, ipo, kto, "
+                        "orpo, process_reward_model, reward_model, sft, simpo)\n"
                         "  fix: remove `rl:` to train with supervised fine-tuning, or run this config with axolotl for now")
     cfg = load_config(text, check_support=False)
-    assert cfg.method == "kto"
+    assert cfg.method == "grpo"
     with pytest.raises(ConfigError) as ei: check_supported(cfg)
     assert ei.value.problems[0].line == 2
     check_supported(load_config(MINIMAL))   # nothing to report
@@ -282,8 +283,10 @@ def test_unsupported_names_and_plugins():
 
 def test_method_constants():
     assert RL_METHODS >= {"dpo", "ipo", "kto", "orpo", "simpo", "grpo", "ebft"}
-    assert SUPPORTED_METHODS == {"sft"} and PACKING_FORBIDDEN == RL_METHODS
-    assert DATASET_TYPES >= {"chat_template", "alpaca", "input_output", "completion"}
+    assert SUPPORTED_METHODS == {"sft", "dpo", "ipo", "kto", "orpo", "simpo", "reward_model", "process_reward_model"}
+    assert PACKING_FORBIDDEN == RL_METHODS | {"reward_model", "process_reward_model"}
+    assert DATASET_TYPES >= {"chat_template", "alpaca", "input_output", "completion", "chat_template.default",
+                             "bradley_terry.chat_template", "stepwise_supervised", "passthrough"}
 
 
 def test_generation_methods_schema():
@@ -321,7 +324,8 @@ def test_derived_values():
     assert cfg.method == "sft" and cfg.has_eval_data and cfg.val_set_size == 200
     assert load_config(MINIMAL + "load_in_8bit: true\nadapter: lora\n").quantization == "8bit"
     assert load_config(MINIMAL + "reward_model: true\n", check_support=False).method == "reward_model"
-    assert load_config(MINIMAL + "process_reward_model: true\n", check_support=False).method == "process_reward_model"
+    prm = MINIMAL.replace("type: chat_template", "type: stepwise_supervised") + "process_reward_model: true\n"
+    assert load_config(prm).method == "process_reward_model"
 
 
 def test_require_datasets_false():
