@@ -13,6 +13,12 @@ in the activation dtype, with `A`/`B` cast once per call (they are tiny) and the
 dtype (float32 master weights stay float32). `W` is frozen (no dW). A bitsandbytes 4-bit weight is dequantized
 in the forward and again in the backward, never saved, so QLoRA keeps its memory profile.
 
+Projections that read the same input (q/k/v of an attention block, gate/up of an MLP) are computed together by
+`LoRAGroupFunction`: one `x @ [A_1; ...; A_k]^T` for all their LoRA branches, and in the backward one `dX` buffer
+that every base and LoRA term accumulates into (`addmm_`), so autograd adds no partial input gradients, and one
+`dA` matmul for the group. The first member called computes the group; the others pick up their outputs when
+called with the same input tensor (and compute alone otherwise).
+
 `apply_fused_lora(model)` swaps the `forward` of each eligible PEFT LoRA layer of a model for one that calls the
 fused function, and falls back to PEFT's own forward whenever the layer is disabled, merged or called with
 anything else PEFT handles (mixed adapter batches, extra arguments).
@@ -26,7 +32,8 @@ import types
 
 import torch
 
-__all__ = ["LoRALinearFunction", "lora_linear", "lora_reference", "GROUPS", "lora_eligibility",
+__all__ = ["LoRALinearFunction", "LoRAGroupFunction", "lora_linear", "lora_group", "lora_reference", "GROUPS",
+           "SHARED_INPUT", "lora_eligibility",
            "apply_fused_lora", "remove_fused_lora", "fused_lora_summary"]
 
 log = logging.getLogger(__name__)
@@ -34,6 +41,8 @@ log = logging.getLogger(__name__)
 # Module name (last component) -> projection group, for Llama / Qwen / Mistral style models.
 GROUPS = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "o_proj": "o",
           "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
+# Sibling projections that read the same input tensor and can be computed as one group.
+SHARED_INPUT = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
 
 def _dequantize(W, quant_state, dtype):
@@ -110,6 +119,105 @@ def lora_linear(x, W, bias, A, B, s, quant_state=None):
     return LoRALinearFunction.apply(x, W, quant_state, bias, A, B, float(s))
 
 
+class LoRAGroupFunction(torch.autograd.Function):
+    """k LoRA projections of one input: `y_i = x @ W_i^T + bias_i + s_i * (x @ A_i^T) @ B_i^T`, computed in `x.dtype`.
+
+    Called as `apply(x, k, quant_states, scales, *Ws, *biases, *As, *Bs)` (each list k long; a quant state or bias
+    may be None) and returns the k outputs. Forward: one matmul `x @ [A_1; ...; A_k]^T` for every LoRA branch, then
+    per member its base matmul with the LoRA term added by `addmm_`. Backward:
+
+        dYB_i = s_i * dY_i @ B_i                                (concatenated: dYB, (N, sum r_i))
+        dX    = sum_i dY_i @ W_i + dYB @ [A_1; ...; A_k]        (one buffer, every term added in place)
+        [dA_1; ...; dA_k] = dYB^T @ X                            (one matmul)
+        dB_i  = s_i * dY_i^T @ (X @ A_i^T)                      (`X @ A^T` saved from the forward)
+
+    Saves `x`, `x @ [A]^T` and the weights as given (4-bit weights are dequantized again in the backward)."""
+
+    @staticmethod
+    def forward(ctx, x, k, quant_states, scales, *params):
+        Ws, biases, As, Bs = (params[i * k:(i + 1) * k] for i in range(4))
+        dtype = x.dtype
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        Acat = torch.cat([A.to(dtype) for A in As]) if k > 1 else As[0].to(dtype)
+        xa = x2 @ Acat.t()                                          # (N, sum r)
+        outs, o = [], 0
+        for W, qs, b, B, s in zip(Ws, quant_states, biases, Bs, scales):
+            r = B.shape[1]
+            Wd = _dequantize(W, qs, dtype)
+            y = torch.addmm(b.to(dtype), x2, Wd.t()) if b is not None else x2 @ Wd.t()
+            del Wd
+            y.addmm_(xa[:, o:o + r], B.to(dtype).t(), alpha=s)
+            outs.append(y.view(*shape[:-1], y.shape[-1]))
+            o += r
+        ctx.k, ctx.quant_states, ctx.scales, ctx.x_shape = k, quant_states, scales, shape
+        ctx.bias_dtypes = [None if b is None else b.dtype for b in biases]
+        ctx.save_for_backward(x2, xa, *Ws, *As, *Bs)
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx, *dys):
+        k, scales = ctx.k, ctx.scales
+        x2, xa, *rest = ctx.saved_tensors
+        Ws, As, Bs = rest[:k], rest[k:2 * k], rest[2 * k:]
+        need = ctx.needs_input_grad
+        need_x = need[0]
+        need_b, need_A, need_B = need[4 + k:4 + 2 * k], need[4 + 2 * k:4 + 3 * k], need[4 + 3 * k:]
+        dtype = x2.dtype
+        N = x2.shape[0]
+        rs = [B.shape[1] for B in Bs]
+        offs = [sum(rs[:i]) for i in range(k)]
+        dY = [None if d is None else d.reshape(N, d.shape[-1]) for d in dys]
+        dY = [d if d is None or d.dtype == dtype else d.to(dtype) for d in dY]
+        Bc = [B.to(dtype) for B in Bs]
+        dYB = None
+        if need_x or any(need_A):
+            dYB = torch.zeros(N, sum(rs), dtype=dtype, device=x2.device) if any(d is None for d in dY) else None
+            parts = []
+            for i in range(k):
+                if dY[i] is None: continue
+                part = (dY[i] @ Bc[i]).mul_(scales[i])
+                if dYB is not None: dYB[:, offs[i]:offs[i] + rs[i]] = part
+                else: parts.append(part)
+            if dYB is None: dYB = torch.cat(parts, dim=1) if k > 1 else parts[0]
+        dX = None
+        if need_x:
+            for i in range(k):
+                if dY[i] is None: continue
+                Wd = _dequantize(Ws[i], ctx.quant_states[i], dtype)
+                if dX is None: dX = dY[i] @ Wd
+                else: dX.addmm_(dY[i], Wd)
+                del Wd
+            Acat = torch.cat([A.to(dtype) for A in As]) if k > 1 else As[0].to(dtype)
+            if dX is None: dX = dYB @ Acat
+            else: dX.addmm_(dYB, Acat)
+            dX = dX.view(ctx.x_shape)
+        dA = [None] * k
+        if any(need_A):
+            dAcat = dYB.t() @ x2                                        # (sum r, in)
+            dA = [dAcat[offs[i]:offs[i] + rs[i]].to(As[i].dtype, copy=True) if need_A[i] else None for i in range(k)]
+        dB = [None] * k
+        db = [None] * k
+        for i in range(k):
+            if dY[i] is None: continue
+            if need_B[i]: dB[i] = (dY[i].t() @ xa[:, offs[i]:offs[i] + rs[i]]).mul_(scales[i]).to(Bs[i].dtype)
+            if need_b[i] and ctx.bias_dtypes[i] is not None: db[i] = dY[i].sum(0).to(ctx.bias_dtypes[i])
+        return (dX, None, None, None, *([None] * k), *db, *dA, *dB)
+
+
+def lora_group(x, Ws, biases, As, Bs, scales, quant_states=None):
+    "The grouped projections (a tuple of outputs), autocast-aware like `lora_linear`."
+    k = len(Ws)
+    qs = tuple(quant_states) if quant_states is not None else (None,) * k
+    args = (k, qs, tuple(float(s) for s in scales), *Ws, *biases, *As, *Bs)
+    dev = x.device.type
+    if torch.is_autocast_enabled(dev):
+        x = x.to(torch.get_autocast_dtype(dev))
+        with torch.autocast(dev, enabled=False):
+            return LoRAGroupFunction.apply(x, *args)
+    return LoRAGroupFunction.apply(x, *args)
+
+
 def lora_reference(x, W, bias, A, B, s):
     "What PEFT computes for a LoRA linear (no dropout): `x @ W^T + bias + s * (x @ A^T) @ B^T`, in plain PyTorch."
     y = torch.nn.functional.linear(x, W, bias)
@@ -157,38 +265,117 @@ def lora_eligibility(module) -> str | None:
     return None
 
 
+def _fusable_now(m, x, args=(), kwargs=None) -> bool:
+    "Whether patched layer `m` can take the fused path for this call (else PEFT's own forward runs)."
+    if args or kwargs or m.disable_adapters or m.merged: return False
+    active = _active_here(m)
+    return len(active) == 1 and active[0] == m._ftlab_adapter
+
+
+def _quant_state(base):
+    "The 4-bit quant state of a bitsandbytes layer (None when it cannot be used here)."
+    try:
+        from bitsandbytes.nn.modules import fix_4bit_weight_quant_state_from_module
+        fix_4bit_weight_quant_state_from_module(base)
+    except ImportError:
+        pass
+    qs = getattr(base.weight, "quant_state", None)
+    if qs is None or getattr(qs, "packing_format_for_cpu", False): return None
+    return qs
+
+
+def _compute_dtype(m, x):
+    "The dtype the projection computes in: the autocast dtype, a 4-bit layer's compute dtype, else the input's."
+    dev = x.device.type
+    if torch.is_autocast_enabled(dev): return torch.get_autocast_dtype(dev)
+    if m._ftlab_4bit: return m.get_base_layer().compute_dtype or x.dtype
+    return x.dtype
+
+
+class _SharedInput:
+    """Sibling patched layers that read the same input (q/k/v, gate/up): the first one called computes them all and
+    keeps the others' outputs until they are called with that same tensor."""
+
+    def __init__(self, members):
+        self.members = list(members)
+        self.x, self.pending, self.grad = None, {}, None
+
+    def take(self, m, x):
+        "This member's output from the group computation on `x`, if there is one."
+        if self.x is x and self.grad == torch.is_grad_enabled() and id(m) in self.pending:
+            y = self.pending.pop(id(m))
+            if not self.pending: self.x = None
+            return y
+        return None
+
+    def run(self, m, x):
+        "Compute every member on `x` and return `m`'s output; None when some member cannot take the fused path now."
+        self.x, self.pending = None, {}
+        if not all(_fusable_now(o, x) for o in self.members): return None
+        qss, Ws, bs, As, Bs, ss = [], [], [], [], [], []
+        for o in self.members:
+            a, base = o._ftlab_adapter, o.get_base_layer()
+            qs = _quant_state(base) if o._ftlab_4bit else None
+            if o._ftlab_4bit and qs is None: return None
+            qss.append(qs); Ws.append(base.weight); bs.append(base.bias)
+            As.append(o.lora_A[a].weight); Bs.append(o.lora_B[a].weight); ss.append(float(o.scaling[a]))
+        cdt = _compute_dtype(m, x)
+        dev = x.device.type
+        with torch.autocast(dev, enabled=False):
+            ys = LoRAGroupFunction.apply(x.to(cdt), len(Ws), tuple(qss), tuple(ss), *Ws, *bs, *As, *Bs)
+        if m._ftlab_4bit: ys = tuple(y.to(x.dtype) for y in ys)     # like bnb's Linear4bit: out in the input's dtype
+        mine = None
+        for o, y in zip(self.members, ys):
+            if o is m: mine = y
+            else: self.pending[id(o)] = y
+        self.x, self.grad = x, torch.is_grad_enabled()
+        return mine
+
+
 def _fused_forward(self, x, *args, **kwargs):
     "Forward of a patched LoRA layer: the fused projection, or PEFT's own forward for anything it does not cover."
-    if args or kwargs or self.disable_adapters or self.merged:
+    if not _fusable_now(self, x, args, kwargs):
         return self._ftlab_peft_forward(x, *args, **kwargs)
-    active = _active_here(self)
-    if len(active) != 1 or active[0] != self._ftlab_adapter:
-        return self._ftlab_peft_forward(x, *args, **kwargs)
-    a = active[0]
+    group = self.__dict__.get("_ftlab_group")
+    if group is not None:
+        y = group.take(self, x)
+        if y is None: y = group.run(self, x)
+        if y is not None: return y
+    a = self._ftlab_adapter
     base = self.get_base_layer()
     A, B = self.lora_A[a].weight, self.lora_B[a].weight
     s = self.scaling[a]
     if self._ftlab_4bit:
-        try:
-            from bitsandbytes.nn.modules import fix_4bit_weight_quant_state_from_module
-            fix_4bit_weight_quant_state_from_module(base)
-        except ImportError:
-            pass
-        qs = getattr(base.weight, "quant_state", None)
-        if qs is None or getattr(qs, "packing_format_for_cpu", False):
-            return self._ftlab_peft_forward(x)
-        in_dtype = x.dtype
-        cdt = base.compute_dtype or in_dtype
-        dev = x.device.type
-        if torch.is_autocast_enabled(dev): cdt = torch.get_autocast_dtype(dev)
-        with torch.autocast(dev, enabled=False):
+        qs = _quant_state(base)
+        if qs is None: return self._ftlab_peft_forward(x)
+        cdt = _compute_dtype(self, x)
+        with torch.autocast(x.device.type, enabled=False):
             y = LoRALinearFunction.apply(x.to(cdt), base.weight, qs, base.bias, A, B, float(s))
-        return y.to(in_dtype)  # like bnb's Linear4bit: out in the input's dtype
+        return y.to(x.dtype)  # like bnb's Linear4bit: out in the input's dtype
     return lora_linear(x, base.weight, base.bias, A, B, s)
 
 
-def apply_fused_lora(model, which=("qkv", "o", "mlp")) -> int:
+def _group_siblings(model, patched_names) -> int:
+    "Tie patched sibling layers that read the same input into groups; returns how many groups."
+    mods = dict(model.named_modules())
+    n = 0
+    for parent in dict.fromkeys(name.rpartition(".")[0] for name in patched_names):
+        for names in SHARED_INPUT:
+            members = [mods.get(f"{parent}.{x}" if parent else x) for x in names]
+            members = [m for m in members if m is not None and "_ftlab_peft_forward" in m.__dict__]
+            if len(members) < 2: continue
+            if len({(m._ftlab_4bit, m.get_base_layer().in_features, m._ftlab_adapter) for m in members}) != 1: continue
+            g = _SharedInput(members)
+            for m in members: m._ftlab_group = g
+            n += 1
+    return n
+
+
+def apply_fused_lora(model, which=("qkv", "o", "mlp"), share_input: bool = True) -> int:
     """Give each eligible LoRA layer of a PEFT `model` in the groups `which` ("qkv", "o", "mlp") the fused forward.
+
+    With `share_input`, patched siblings that read the same input (q/k/v, gate/up) are computed together
+    (`LoRAGroupFunction`); without it every projection is its own fused node.
 
     Returns how many layers were patched (already-patched ones count). The full account, patched names and the
     reason each other LoRA layer was left alone, is logged and kept as `fused_lora_summary(model)`."""
@@ -211,17 +398,21 @@ def apply_fused_lora(model, which=("qkv", "o", "mlp")) -> int:
         mod._ftlab_4bit = L4 is not None and isinstance(mod.get_base_layer(), L4)
         mod.forward = types.MethodType(_fused_forward, mod)
         patched.append(name)
-    summary = dict(patched=patched, skipped=skipped)
+    mods = dict(model.named_modules())
+    for name in patched: mods[name].__dict__.pop("_ftlab_group", None)    # regrouped below, from scratch
+    n_groups = _group_siblings(model, patched) if share_input else 0
+    summary = dict(patched=patched, skipped=skipped, shared_input_groups=n_groups)
     try: object.__setattr__(model, "_ftlab_fused_lora", summary)
     except Exception: pass
-    log.info("fused LoRA: %d layers patched, %d left alone%s", len(patched), len(skipped),
+    log.info("fused LoRA: %d layers patched (%d groups sharing an input), %d left alone%s", len(patched), n_groups,
+             len(skipped),
              "".join(f"\n  {n}: {r}" for n, r in skipped.items()))
     return len(patched)
 
 
 def fused_lora_summary(model) -> dict:
-    "`{'patched': [names], 'skipped': {name: reason}}` from the last `apply_fused_lora(model)`."
-    return getattr(model, "_ftlab_fused_lora", dict(patched=[], skipped={}))
+    "`{'patched': [names], 'skipped': {name: reason}, 'shared_input_groups': n}` from the last `apply_fused_lora`."
+    return getattr(model, "_ftlab_fused_lora", dict(patched=[], skipped={}, shared_input_groups=0))
 
 
 def remove_fused_lora(model) -> int:
@@ -230,6 +421,6 @@ def remove_fused_lora(model) -> int:
     for mod in model.modules():
         if "_ftlab_peft_forward" in mod.__dict__:
             del mod.forward
-            for k in ("_ftlab_peft_forward", "_ftlab_adapter", "_ftlab_4bit"): mod.__dict__.pop(k, None)
+            for k in ("_ftlab_peft_forward", "_ftlab_adapter", "_ftlab_4bit", "_ftlab_group"): mod.__dict__.pop(k, None)
             n += 1
     return n

@@ -4,10 +4,10 @@ import copy, subprocess, sys
 import pytest
 import torch
 
-from ftlab.kernels.lora import (LoRALinearFunction, lora_linear, lora_reference, apply_fused_lora, remove_fused_lora,
-                                fused_lora_summary, lora_eligibility)
+from ftlab.kernels.lora import (LoRALinearFunction, LoRAGroupFunction, lora_linear, lora_group, lora_reference,
+                                apply_fused_lora, remove_fused_lora, fused_lora_summary, lora_eligibility)
 
-TINY = "base_model: ftlab:tiny\nlora_r: 8\nlora_target_linear: true\ndatasets: [{path: ftlab:data/chat.jsonl}]\n"
+TINY = "base_model: ftlab:tiny\nbf16: false\nlora_r: 8\nlora_target_linear: true\ndatasets: [{path: ftlab:data/chat.jsonl}]\n"
 N_LINEAR = 4 * 7  # tiny model: 4 layers x q/k/v/o/gate/up/down
 
 
@@ -131,6 +131,110 @@ def test_function_4bit_dequantizes_and_saves_no_dense_weight(dtype):
         assert _close(g, gr, rel)
 
 
+# --- the group Function (projections sharing one input) ------------------------------------------------------
+
+def _group_tensors(dtype, ab_dtype=None, biases=(False, True, False), outs=(40, 16, 24), rs=(8, 4, 8), dim=3,
+                   n_in=48, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    rnd = lambda *s, dt=dtype: torch.randn(*s, generator=g, dtype=torch.float64).to(dt)
+    x = rnd(*((6, n_in) if dim == 2 else (2, 5, n_in))).requires_grad_()
+    Ws = [rnd(o, n_in) / n_in ** 0.5 for o in outs]
+    bs = [rnd(o).requires_grad_() if b else None for o, b in zip(outs, biases)]
+    As = [(rnd(r, n_in, dt=ab_dtype or dtype) / n_in ** 0.5).requires_grad_() for r in rs]
+    Bs = [rnd(o, r, dt=ab_dtype or dtype).requires_grad_() for o, r in zip(outs, rs)]
+    return x, Ws, bs, As, Bs
+
+
+def _group_refs(x, Ws, bs, As, Bs, scales):
+    return [lora_reference(x, W, b, A, B, s) for W, b, A, B, s in zip(Ws, bs, As, Bs, scales)]
+
+
+def _group_grads(ys, leaves, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    dys = [torch.randn(y.shape, generator=g).to(y.dtype) for y in ys]
+    leaves = [t for t in leaves if t is not None]
+    return torch.autograd.grad(ys, leaves, dys)
+
+
+@pytest.mark.parametrize("dim", [2, 3])
+def test_group_matches_reference_float32(dim):
+    x, Ws, bs, As, Bs = _group_tensors(torch.float32, dim=dim)
+    scales = (2.0, 0.5, 1.0)
+    ys = LoRAGroupFunction.apply(x, 3, (None,) * 3, scales, *Ws, *bs, *As, *Bs)
+    refs = _group_refs(x, Ws, bs, As, Bs, scales)
+    for y, r in zip(ys, refs):
+        assert y.shape == r.shape
+        torch.testing.assert_close(y, r, atol=1e-5, rtol=1e-5)
+    leaves = [x, *bs, *As, *Bs]
+    for g, gr in zip(_group_grads(ys, leaves), _group_grads(refs, leaves)):
+        torch.testing.assert_close(g, gr, atol=1e-5, rtol=1e-5)
+
+
+def test_group_gradcheck_float64():
+    x, Ws, bs, As, Bs = _group_tensors(torch.float64, outs=(5, 3), rs=(3, 2), biases=(True, False), n_in=7)
+    def f(x, b0, A0, A1, B0, B1):
+        return LoRAGroupFunction.apply(x, 2, (None, None), (0.7, 1.3), *Ws, b0, None, A0, A1, B0, B1)
+    assert torch.autograd.gradcheck(f, (x, bs[0], *As, *Bs))
+
+
+def test_group_unused_output_and_frozen_input():
+    "A member whose output feeds nothing gets no gradient (its A/B grads are None), the others are exact."
+    x, Ws, bs, As, Bs = _group_tensors(torch.float32, biases=(False, False, False))
+    scales = (1.0, 1.0, 2.0)
+    ys = LoRAGroupFunction.apply(x, 3, (None,) * 3, scales, *Ws, *bs, *As, *Bs)
+    refs = _group_refs(x, Ws, bs, As, Bs, scales)
+    loss, ref_loss = ys[0].sum() + (ys[2] ** 2).sum(), refs[0].sum() + (refs[2] ** 2).sum()
+    got = torch.autograd.grad(loss, [x, *As, *Bs], allow_unused=True)
+    want = torch.autograd.grad(ref_loss, [x, *As, *Bs], allow_unused=True)
+    for g, w in zip(got, want):
+        if w is None or not w.abs().sum():
+            assert g is None or not g.abs().sum()
+        else:
+            torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4)
+    xd = x.detach()
+    ys = LoRAGroupFunction.apply(xd, 3, (None,) * 3, scales, *Ws, *bs, *As, *Bs)
+    refs = _group_refs(xd, Ws, bs, As, Bs, scales)
+    for g, w in zip(_group_grads(ys, [*As, *Bs]), _group_grads(refs, [*As, *Bs])):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
+
+
+def test_group_bfloat16_with_float32_adapter_and_autocast():
+    x, Ws, bs, As, Bs = _group_tensors(torch.bfloat16, ab_dtype=torch.float32)
+    scales = (2.0, 0.5, 1.0)
+    ys = LoRAGroupFunction.apply(x, 3, (None,) * 3, scales, *Ws, *bs, *As, *Bs)
+    leaves = [x, *bs, *As, *Bs]
+    grads = _group_grads(ys, leaves)
+    assert all(y.dtype == torch.bfloat16 for y in ys)
+    assert all(g.dtype == torch.float32 for g in grads[-6:])
+    x32 = x.detach().float().requires_grad_()
+    b32 = [None if b is None else b.detach().float().requires_grad_() for b in bs]
+    A32 = [A.detach().clone().requires_grad_() for A in As]
+    B32 = [B.detach().clone().requires_grad_() for B in Bs]
+    refs = _group_refs(x32, [W.float() for W in Ws], b32, A32, B32, scales)
+    for y, r in zip(ys, refs): assert _close(y, r, 2e-2)
+    for g, gr in zip(grads, _group_grads(refs, [x32, *b32, *A32, *B32])):
+        assert g.shape == gr.shape and _close(g, gr, 2e-2)
+    # lora_group under autocast computes in bf16 from float32 inputs
+    x, Ws, bs, As, Bs = _group_tensors(torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ys = lora_group(x, Ws, bs, As, Bs, scales)
+    assert all(y.dtype == torch.bfloat16 for y in ys)
+    for y, r in zip(ys, _group_refs(x, Ws, bs, As, Bs, scales)): assert _close(y.float(), r, 2e-2)
+
+
+def test_group_4bit_saves_no_dense_weight():
+    import bitsandbytes.functional as bnbf
+    x, Ws, bs, As, Bs = _group_tensors(torch.float32, biases=(False, False), outs=(32, 64), rs=(8, 8), n_in=64)
+    packed = [bnbf.quantize_4bit(W, quant_type="nf4") for W in Ws]
+    Wd = [bnbf.dequantize_4bit(p, qs) for p, qs in packed]
+    ys, saved = _saved_shapes(lambda: LoRAGroupFunction.apply(x, 2, tuple(qs for _, qs in packed), (2.0, 2.0),
+                                                              *[p for p, _ in packed], None, None, *As, *Bs))
+    assert not [sh for sh, dt in saved if sh in {tuple(W.shape) for W in Ws}], saved
+    refs = _group_refs(x, Wd, bs, As, Bs, (2.0, 2.0))
+    for y, r in zip(ys, refs): assert _close(y, r, 1e-5)
+    for g, gr in zip(_group_grads(ys, [x, *As, *Bs]), _group_grads(refs, [x, *As, *Bs])): assert _close(g, gr, 1e-5)
+
+
 def test_import_needs_no_triton():
     code = "import sys, ftlab.kernels.lora; assert 'triton' not in sys.modules, 'triton imported'"
     subprocess.run([sys.executable, "-c", code], check=True, cwd="/")
@@ -157,16 +261,21 @@ def _batch(seed=0, shape=(2, 16)):
     return dict(input_ids=ids, labels=ids.clone())
 
 
-def _fused_nodes(t) -> int:
-    "How many fused LoRA nodes the autograd graph behind `t` holds."
-    seen, todo, n = set(), [t.grad_fn], 0
+def _fused_nodes(t, groups=False):
+    """How many projections the fused LoRA nodes of the autograd graph behind `t` compute (a group node counts
+    its members); with `groups`, also the number of group nodes."""
+    seen, todo, n, g_n = set(), [t.grad_fn], 0, 0
     while todo:
         f = todo.pop()
         if f is None or f in seen: continue
         seen.add(f)
-        n += type(f).__name__ == "LoRALinearFunctionBackward"
+        name = type(f).__name__
+        n += name == "LoRALinearFunctionBackward"
+        if name == "LoRAGroupFunctionBackward":
+            n += f.k                                    # the node is the Function's ctx: its member count
+            g_n += 1
         todo.extend(g for g, _ in f.next_functions)
-    return n
+    return (n, g_n) if groups else n
 
 
 def _lora_grads(model):
@@ -199,6 +308,39 @@ def test_patches_every_linear_and_matches_peft(pair):
     for k in gr:
         torch.testing.assert_close(gf[k], gr[k], atol=1e-5, rtol=1e-4, msg=k)
     assert any(g.abs().sum() > 0 for k, g in gf.items() if "lora_A" in k)
+
+
+def test_shared_input_groups_and_switch(pair):
+    "q/k/v and gate/up of each layer run as one node each; share_input=False gives one node per projection."
+    ref, fused, _ = pair
+    assert fused_lora_summary(fused)["shared_input_groups"] == 8        # 4 layers x (qkv, gate/up)
+    batch = _batch(11)
+    out = fused(**batch)
+    assert _fused_nodes(out.loss, groups=True) == (N_LINEAR, 8)
+    solo = copy.deepcopy(ref)
+    assert apply_fused_lora(solo, share_input=False) == N_LINEAR
+    assert fused_lora_summary(solo)["shared_input_groups"] == 0
+    out_s = solo(**batch)
+    assert _fused_nodes(out_s.loss, groups=True) == (N_LINEAR, 0)
+    torch.testing.assert_close(out_s.logits, out.logits, atol=1e-5, rtol=1e-5)
+
+
+def test_group_member_called_alone_or_on_other_input(pair):
+    "A member called with a tensor its group did not compute on gets its own output, not a stale one."
+    _, fused, _ = pair
+    attn = fused.base_model.model.model.layers[0].self_attn
+    ref_attn = pair[0].base_model.model.model.layers[0].self_attn
+    h = attn.q_proj.in_features
+    x1, x2 = torch.randn(1, 3, h), torch.randn(1, 3, h)
+    with torch.no_grad():
+        q1 = attn.q_proj(x1)                  # computes q, k, v on x1; k and v wait for their call
+        k2 = attn.k_proj(x2)                  # another input: computed alone
+        torch.testing.assert_close(k2, ref_attn.k_proj(x2), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(q1, ref_attn.q_proj(x1), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(attn.v_proj(x1), ref_attn.v_proj(x1), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(attn.k_proj(x1), ref_attn.k_proj(x1), atol=1e-5, rtol=1e-5)
+        attn.k_proj(x1)                       # a second call on the same input computes again
+        assert not attn.q_proj._ftlab_group.pending or attn.q_proj._ftlab_group.x is x1
 
 
 def test_eval_no_grad_and_disable_adapter(pair):
@@ -351,7 +493,8 @@ def test_qlora_matches_peft_and_saves_no_dequantized_weight():
     layers4 = [m for m in fused.modules() if isinstance(m, bnb.nn.Linear4bit)]
     assert len(layers4) == N_LINEAR
     dense = {(m.out_features, m.in_features) for m in layers4}
-    batch = _batch(6)
+    dev = ref.get_input_embeddings().weight.device    # transformers puts a 4-bit model on the GPU when there is one
+    batch = {k: v.to(dev) for k, v in _batch(6).items()}
     for m in (ref, fused): m.train(); m.zero_grad()
     out_r = ref(**batch)
     out_f, saved = _saved_shapes(lambda: fused(**batch))
@@ -365,3 +508,103 @@ def test_qlora_matches_peft_and_saves_no_dequantized_weight():
         assert _close(gf[k], gr[k], 1e-3), k
     # the unpatched QLoRA path, by contrast, is checked to be what we compare against: same loss
     assert abs(out_f.loss.item() - out_r.loss.item()) < 1e-4
+
+
+# --- on the GPU (skipped without CUDA): bf16 forward and backward at realistic sizes ---------------------------
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def _gpu_tensors(n_tok=4096, n_in=4096, n_out=1024, r=16, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    rnd = lambda *s: torch.randn(*s, generator=g, device="cuda", dtype=torch.float32)
+    x = rnd(2, n_tok // 2, n_in).bfloat16().requires_grad_()
+    W = (rnd(n_out, n_in) / n_in ** 0.5).bfloat16()
+    A = (rnd(r, n_in) / n_in ** 0.5).requires_grad_()          # float32 master weights, as PEFT keeps them
+    B = (rnd(n_out, r) * 0.05).requires_grad_()
+    return x, W, A, B
+
+
+def _vs_float32(y, x, Wd, A, B, s, rel):
+    "Output and gradients of the bf16 computation against float32 maths on the same (bf16-rounded) inputs."
+    g = torch.Generator(device="cuda").manual_seed(1)
+    dY = torch.randn(y.shape, generator=g, device="cuda").bfloat16()
+    got = torch.autograd.grad(y, [x, A, B], dY)
+    x32 = x.detach().float().requires_grad_()
+    A32, B32 = A.detach().clone().requires_grad_(), B.detach().clone().requires_grad_()
+    ref = lora_reference(x32, Wd.float(), None, A32, B32, s)
+    want = torch.autograd.grad(ref, [x32, A32, B32], dY.float())
+    assert y.dtype == torch.bfloat16 and _close(y, ref, rel)
+    assert got[0].dtype == torch.bfloat16 and got[1].dtype == got[2].dtype == torch.float32
+    for name, a, b in zip(("dx", "dA", "dB"), got, want):
+        assert _close(a, b, rel), name
+
+
+@gpu
+def test_gpu_function_bf16_forward_backward():
+    x, W, A, B = _gpu_tensors()
+    y = LoRALinearFunction.apply(x, W, None, None, A, B, 2.0)
+    _vs_float32(y, x, W, A, B, 2.0, 2e-2)
+
+
+@gpu
+def test_gpu_function_nf4_forward_backward():
+    import bitsandbytes.functional as bnbf
+    x, W, A, B = _gpu_tensors(n_out=2048)
+    packed, qs = bnbf.quantize_4bit(W, quant_type="nf4", compress_statistics=True)
+    Wd = bnbf.dequantize_4bit(packed, qs)
+    y, saved = _saved_shapes(lambda: LoRALinearFunction.apply(x, packed, qs, None, A, B, 2.0))
+    assert not [sh for sh, dt in saved if sh == tuple(W.shape)], "a dequantized weight was saved"
+    _vs_float32(y, x, Wd, A, B, 2.0, 2e-2)
+
+
+@gpu
+def test_gpu_peft_model_bf16_matches_peft():
+    ref = _peft_model()
+    ref = ref.to("cuda", torch.bfloat16)
+    for n, p in ref.named_parameters():
+        if "lora_" in n: p.data = p.data.float()               # PEFT's float32 adapters beside a bf16 base
+    fused = copy.deepcopy(ref)
+    assert apply_fused_lora(fused) == N_LINEAR
+    batch = {k: v.cuda() for k, v in _batch(3, (2, 64)).items()}
+    for m in (ref, fused): m.train(); m.zero_grad()
+    out_r, out_f = ref(**batch), fused(**batch)
+    assert _fused_nodes(out_f.loss) == N_LINEAR
+    assert _close(out_f.logits.float(), out_r.logits.float(), 3e-2)
+    assert abs(out_f.loss.item() - out_r.loss.item()) < 2e-2
+    out_r.loss.backward(); out_f.loss.backward()
+    gr, gf = _lora_grads(ref), _lora_grads(fused)
+    for k in gr:
+        assert gf[k].dtype == torch.float32
+        assert _close(gf[k], gr[k], 5e-2), k
+
+
+@gpu
+def test_gpu_group_bf16_and_nf4_forward_backward():
+    "q/k/v-shaped group (4096 -> 4096, 1024, 1024), bf16 and nf4 bases, against float32 maths."
+    import bitsandbytes.functional as bnbf
+    g = torch.Generator(device="cuda").manual_seed(0)
+    rnd = lambda *s: torch.randn(*s, generator=g, device="cuda", dtype=torch.float32)
+    n_in, outs, r = 4096, (4096, 1024, 1024), 16
+    x = rnd(2, 2048, n_in).bfloat16().requires_grad_()
+    Ws = [(rnd(o, n_in) / n_in ** 0.5).bfloat16() for o in outs]
+    As = [(rnd(r, n_in) / n_in ** 0.5).requires_grad_() for _ in outs]
+    Bs = [(rnd(o, r) * 0.05).requires_grad_() for o in outs]
+    scales = (2.0, 2.0, 2.0)
+    for quant in (False, True):
+        if quant:
+            packed = [bnbf.quantize_4bit(W, quant_type="nf4", compress_statistics=True) for W in Ws]
+            args, qss = [p for p, _ in packed], tuple(q for _, q in packed)
+            Wd = [bnbf.dequantize_4bit(p, q) for p, q in packed]
+        else:
+            args, qss, Wd = Ws, (None,) * 3, Ws
+        ys = LoRAGroupFunction.apply(x, 3, qss, scales, *args, None, None, None, *As, *Bs)
+        dys = [torch.randn(y.shape, generator=g, device="cuda").bfloat16() for y in ys]
+        got = torch.autograd.grad(ys, [x, *As, *Bs], dys)
+        x32 = x.detach().float().requires_grad_()
+        A32 = [A.detach().clone().requires_grad_() for A in As]
+        B32 = [B.detach().clone().requires_grad_() for B in Bs]
+        refs = [lora_reference(x32, W.float(), None, A, B, s) for W, A, B, s in zip(Wd, A32, B32, scales)]
+        want = torch.autograd.grad(refs, [x32, *A32, *B32], [d.float() for d in dys])
+        for y, ref in zip(ys, refs): assert y.dtype == torch.bfloat16 and _close(y, ref, 2e-2)
+        for i, (a, b) in enumerate(zip(got, want)): assert _close(a, b, 2e-2), (quant, i)
