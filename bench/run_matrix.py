@@ -45,10 +45,34 @@ SPECIAL = {"maxseq": "QLoRA 8B longest sequence at batch 1 (sft_bench.py --find-
 def parse_run(spec: str) -> dict:
     "`MODEL:MODE:IMPL:SEQ:DATA[:ckpt]` -> one run."
     f = spec.split(":")
-    if len(f) not in (5, 6) or f[1] not in ("full", "lora", "qlora") or f[2] not in IMPLS or f[4] not in ("packed", "mix"):
+    if len(f) not in (5, 6) or f[1] not in ("full", "lora", "qlora") or f[2] not in IMPLS or f[4] not in ("packed", "mix", "learn"):
         raise SystemExit(f"--run {spec}: expected MODEL:full|lora|qlora:baseline|liger|ftlab:SEQ:packed|mix[:ckpt]")
     sb.model_json(f[0])
     return dict(model=f[0], mode=f[1], impl=f[2], seq=int(f[3]), data=f[4], grad_ckpt=len(f) == 6 and f[5] == "ckpt")
+
+
+def parse_variant(spec: str) -> tuple[str, list[str]]:
+    """`LABEL:KEY=VALUE,KEY=VALUE` -> (label, ['KEY=VALUE', ...]): one more ftlab row per ftlab run, with those keys.
+    An item starting with `--` is an `sft_bench.py` flag instead (e.g. `--solo-lora`)."""
+    label, _, kvs = spec.partition(":")
+    sets = [x for x in kvs.split(",") if x]
+    if not label or not all("=" in x or x.startswith("--") for x in sets):
+        raise SystemExit(f"--ftlab-variant {spec}: expected LABEL:KEY=VALUE[,KEY=VALUE...]")
+    return label, sets
+
+
+def with_variants(runs: list[dict], variants: list[tuple[str, list[str]]]) -> list[dict]:
+    "Each ftlab run once per variant (none given: as it is)."
+    if not variants: return runs
+    out = []
+    for r in runs:
+        if r.get("impl") != "ftlab": out.append(r); continue
+        out += [dict(r, variant=label, variant_set=sets) for label, sets in variants]
+    return out
+
+
+def impl_name(r: dict) -> str:
+    return r["impl"] + (f" ({r['variant']})" if r.get("variant") else "")
 
 
 def run_spec(r: dict) -> str:
@@ -152,7 +176,7 @@ def fmt(x, nd=1):
 
 
 def progress(i, n, t0, r: dict) -> str:
-    head = f"[{i}/{n} t+{time.time() - t0:4.0f}s] {r['model']} {r['mode']} {r['impl']} seq{r['seq']} {r['data']}" + \
+    head = f"[{i}/{n} t+{time.time() - t0:4.0f}s] {r['model']} {r['mode']} {impl_name(r)} seq{r['seq']} {r['data']}" + \
            (" ckpt" if r.get("grad_ckpt") else "")
     if r.get("status") != "ok":
         return f"{head}: {r.get('status')} {r.get('error') or ''}".rstrip()
@@ -181,7 +205,9 @@ def render(rows: list[dict]) -> str:
         if runs:
             first = {}
             for r in runs: first.setdefault(group_key(r), len(first))
-            runs = sorted(runs, key=lambda r: (first[group_key(r)], IMPLS.index(r["impl"]) if r.get("impl") in IMPLS else 9))
+            vorder = list(dict.fromkeys(r.get("variant") or "" for r in runs))
+            runs = sorted(runs, key=lambda r: (first[group_key(r)], IMPLS.index(r["impl"]) if r.get("impl") in IMPLS else 9,
+                                               vorder.index(r.get("variant") or "")))
             base = {group_key(r): r for r in runs if r["impl"] == "baseline" and r.get("status") == "ok"}
             out.append("| model | mode | seq | data | ckpt | impl | status | tokens/s | × base | MFU % | peak alloc GiB "
                        "| × base | peak reserved GiB | 1st step from start s | 1st step from train() s | load s |")
@@ -196,7 +222,7 @@ def render(rows: list[dict]) -> str:
                 status = r.get("status", "?")
                 if status != "ok" and r.get("error"): status += f" ({str(r['error'])[:80]})"
                 out.append(f"| {r['model']} | {r['mode']} | {r['seq']} | {r['data']} | {'yes' if r.get('grad_ckpt') else 'no'} "
-                           f"| {r['impl']} | {status} | {fmt(r.get('tokens_per_s') if ok else None, 0)} | {tr} "
+                           f"| {impl_name(r)} | {status} | {fmt(r.get('tokens_per_s') if ok else None, 0)} | {tr} "
                            f"| {fmt(r.get('mfu_pct') if ok else None)} | {fmt(r.get('peak_alloc_gib'), 2)} | {mr} "
                            f"| {fmt(r.get('peak_reserved_gib'), 2)} | {fmt(r.get('first_step_from_start_s'))} "
                            f"| {fmt(r.get('first_step_from_train_s'))} | {fmt(r.get('load_s'))} |")
@@ -251,6 +277,9 @@ def main(argv=None):
     ap.add_argument("--cache", default=sb.DEFAULT_CACHE)
     ap.add_argument("--out", help="JSONL file to append to (default $OUT/bench.jsonl)")
     ap.add_argument("--ftlab-set", action="append", metavar="KEY=VALUE", help="passed to every ftlab run")
+    ap.add_argument("--ftlab-variant", action="append", metavar="LABEL:KEY=VALUE[,KEY=VALUE...]",
+                    help="run every ftlab row once per variant, with these extra keys (repeatable; e.g. "
+                         "kernels:lora_qkv_kernel=true,lora_o_kernel=true,lora_mlp_kernel=true)")
     ap.add_argument("--maxseq-impl", default="baseline", help="implementation for the maxseq preset")
     ap.add_argument("--fit-steps", type=int, default=2, help="steps per length in the maxseq preset")
     ap.add_argument("--maxseq-model", default="llama-3.1-8b", help="model for the maxseq preset")
@@ -279,6 +308,7 @@ def main(argv=None):
     command = "python bench/run_matrix.py " + shlex.join(sys.argv[1:] if argv is None else argv)
 
     runs = [r for spec in split_presets(a.preset or "") for r in expand(spec, a)] + [parse_run(x) for x in a.run or []]
+    runs = with_variants(runs, [parse_variant(v) for v in a.ftlab_variant or []])
     # one model folder at a time: group by model, keeping the order of first appearance
     order = list(dict.fromkeys(r.get("model", "~special") for r in runs))
     runs = sorted(runs, key=lambda r: order.index(r.get("model", "~special")))
@@ -293,7 +323,7 @@ def main(argv=None):
                 print(f"prepare {r['model']}: ~{e:.0f} s")
             models.add(r["model"])
             e = estimate_s(r, a, seen); total += e
-            print(f"{r['model']} {r['mode']} {r['impl']} seq{r['seq']} {r['data']}{' ckpt' if r['grad_ckpt'] else ''}: ~{e:.0f} s")
+            print(f"{r['model']} {r['mode']} {impl_name(r)} seq{r['seq']} {r['data']}{' ckpt' if r['grad_ckpt'] else ''}: ~{e:.0f} s")
         print(f"total ~{total:.0f} s (budget {a.budget_s:.0f} s)")
         return 0
 
@@ -360,7 +390,9 @@ def main(argv=None):
         if a.steps is not None: cmd += ["--steps", str(a.steps)]
         if a.warmup is not None: cmd += ["--warmup", str(a.warmup)]
         if r["impl"] == "ftlab":
-            for x in a.ftlab_set or []: cmd += ["--ftlab-set", x]
+            for x in [*(a.ftlab_set or []), *r.get("variant_set", [])]:
+                cmd += [x] if x.startswith("--") else ["--ftlab-set", x]
+            if r.get("variant"): cmd += ["--label", r["variant"]]
         t = time.time()
         timeout = min(a.timeout, max(left - 5, 10))
         res, rc, tail = run_child(cmd, timeout, log)

@@ -166,6 +166,19 @@ def make_rows(kind: str, n_rows: int, seq: int, vocab: int, seed: int = 0) -> li
     if kind == "packed":
         ids = rng.integers(3, vocab, size=(n_rows, seq))
         return [{"input_ids": r.tolist(), "labels": r.tolist()} for r in ids]
+    if kind == "learn":
+        # something a model can learn in a few steps (for loss curves): 512 of the ids, each followed by one of
+        # four fixed successors, so the loss can fall from ln(vocab) towards ln(4)
+        words = rng.choice(np.arange(3, vocab), size=512, replace=False)
+        succ = rng.integers(0, 512, size=(512, 4))
+        rows = []
+        for _ in range(n_rows):
+            i, seq_ids = int(rng.integers(512)), []
+            pick = rng.integers(0, 4, size=seq)
+            for j in range(seq):
+                seq_ids.append(int(words[i])); i = int(succ[i, pick[j]])
+            rows.append({"input_ids": seq_ids, "labels": seq_ids})
+        return rows
     # mix: enough documents for n_rows packs of `seq` tokens, with a margin for imperfect packing
     target, total, rows = int(n_rows * seq * 1.25) + seq, 0, []
     while total < target:
@@ -252,7 +265,7 @@ def profile_callback(start_step: int, n_steps: int, out_dir: str, tag: str):
     from transformers import TrainerCallback
 
     class Profile(TrainerCallback):
-        def __init__(self): self.prof, self.summary = None, None
+        def __init__(self): self.prof, self.summary, self.idle = None, None, None
         def on_step_begin(self, args, state, control, **kw):
             if state.global_step == start_step and self.prof is None:
                 self.prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
@@ -280,8 +293,81 @@ def profile_callback(start_step: int, n_steps: int, out_dir: str, tag: str):
                           f"`{e.key[:110]}` |" for e in top]
                 lines += ["", "By category: " + ", ".join(f"{c} {v}%" for c, v in self.summary.items())]
                 Path(out_dir).mkdir(parents=True, exist_ok=True)
+                try:
+                    trace = Path(out_dir) / f"trace-{tag}.json"
+                    self.prof.export_chrome_trace(str(trace))
+                    self.idle = gpu_idle(json.loads(trace.read_text()), n_steps)
+                    lines += ["", *idle_lines(self.idle)]
+                    trace.unlink()
+                except Exception as e:  # informative only
+                    lines += ["", f"(GPU idle analysis failed: {type(e).__name__}: {e})"]
                 (Path(out_dir) / f"profile-{tag}.md").write_text("\n".join(lines) + "\n")
     return Profile()
+
+
+def gpu_idle(trace: dict, n_steps: int, min_gap_us: float = 20.0) -> dict:
+    """Where the GPU waits, from a chrome trace of the profiled steps: busy and idle time per step, and the longest
+    gaps between kernels with what the host was doing in them (the host operators that began inside the gap, and
+    the synchronizing runtime calls that overlapped it)."""
+    ev = [e for e in trace.get("traceEvents", []) if e.get("ph") == "X"]
+    gpu = sorted((e for e in ev if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")), key=lambda e: e["ts"])
+    host = [e for e in ev if e.get("cat") in ("cpu_op", "user_annotation", "python_function")]
+    rt = [e for e in ev if e.get("cat") in ("cuda_runtime", "cuda_driver")]
+    if not gpu: return {}
+    busy, gaps, cur_s, cur_e, last = 0.0, [], gpu[0]["ts"], gpu[0]["ts"] + gpu[0]["dur"], gpu[0]
+    for e in gpu[1:]:
+        if e["ts"] > cur_e:
+            busy += cur_e - cur_s
+            if e["ts"] - cur_e >= min_gap_us: gaps.append((e["ts"] - cur_e, cur_e, e["ts"], last["name"], e["name"]))
+            cur_s = e["ts"]
+        if e["ts"] + e["dur"] >= cur_e: cur_e, last = e["ts"] + e["dur"], e
+    busy += cur_e - cur_s
+    span = (gpu[-1]["ts"] + gpu[-1]["dur"]) - gpu[0]["ts"]
+    import numpy as np
+    hs = np.array([e["ts"] for e in host], dtype=float); he = hs + np.array([e["dur"] for e in host], dtype=float)
+    ss = np.array([e["ts"] for e in rt if "Synchronize" in e["name"] or "Memcpy" in e["name"]] or [0.0])
+    se = ss + np.array([e["dur"] for e in rt if "Synchronize" in e["name"] or "Memcpy" in e["name"]] or [0.0])
+    sn = [e["name"] for e in rt if "Synchronize" in e["name"] or "Memcpy" in e["name"]]
+    by_op: dict = {}
+    rows = []
+    for g, a, b, before, after in sorted(gaps, reverse=True)[:400]:   # the longest gaps hold most of the idle time
+        run = np.nonzero((hs <= a) & (he > a))[0]                     # host operators running when the GPU ran dry
+        run = sorted(run, key=lambda i: hs[i])
+        outer = host[run[0]]["name"] if len(run) else "(none)"
+        inner = host[run[-1]]["name"] if len(run) else "(none)"
+        began = np.nonzero((hs >= a) & (hs < b))[0]
+        sync = sorted({sn[i] for i in np.nonzero((ss < b) & (se > a))[0]}) if sn else []
+        key = f"{outer} > {inner}" if outer != inner else outer
+        by_op[key] = by_op.get(key, 0.0) + g
+        if len(rows) < 15:
+            rows.append(dict(gap_ms=round(g / 1000, 3), before=before[:50], after=after[:50], running=key[:120],
+                             began=", ".join(dict.fromkeys(host[i]["name"] for i in began[:30]))[:120],
+                             sync=", ".join(sync)[:60]))
+    small = sum(g for g, *_ in gaps if g < 100)
+    return dict(span_ms_per_step=round(span / 1000 / n_steps, 2), busy_ms_per_step=round(busy / 1000 / n_steps, 2),
+                idle_ms_per_step=round((span - busy) / 1000 / n_steps, 2), n_gaps=len(gaps),
+                idle_in_gaps_under_100us_ms_per_step=round(small / 1000 / n_steps, 2),
+                idle_in_400_longest_gaps_ms_per_step=round(sum(by_op.values()) / 1000 / n_steps, 2),
+                idle_by_host_op_ms_per_step={k: round(v / 1000 / n_steps, 2) for k, v in
+                                             sorted(by_op.items(), key=lambda kv: -kv[1])[:15]},
+                longest_gaps=rows)
+
+
+def idle_lines(d: dict) -> list[str]:
+    if not d: return ["(no GPU kernels in the trace)"]
+    out = [f"GPU timeline per step: span {d['span_ms_per_step']} ms, busy {d['busy_ms_per_step']} ms, idle "
+           f"{d['idle_ms_per_step']} ms in {d['n_gaps']} gaps of 20 µs or more over the profiled steps "
+           f"({d['idle_in_gaps_under_100us_ms_per_step']} ms/step of it in gaps under 100 µs). Profiling slows the host, "
+           "so the idle time here is an upper bound.", "",
+           f"Idle time of the 400 longest gaps ({d['idle_in_400_longest_gaps_ms_per_step']} ms/step) by the host "
+           "operator running when the GPU ran dry (outermost > innermost):", "",
+           "| ms/step | host operator |", "|---|---|"]
+    out += [f"| {v} | `{k[:110]}` |" for k, v in d["idle_by_host_op_ms_per_step"].items()]
+    out += ["", "Longest gaps:", "", "| gap ms | kernel before | kernel after | host running | host begun in the gap | sync calls |",
+            "|---|---|---|---|---|---|"]
+    out += [f"| {r['gap_ms']} | `{r['before']}` | `{r['after']}` | {r['running']} | {r['began']} | {r['sync']} |"
+            for r in d["longest_gaps"]]
+    return out
 
 
 def summarize(meter, warmup: int) -> dict:
@@ -309,7 +395,8 @@ def summarize(meter, warmup: int) -> dict:
         first_step_from_train_s=round(ends[0] - meter.t_train_call, 2) if meter.t_train_call else None,
         train_begin_from_start_s=round(meter.t_train_begin - T0, 2) if meter.t_train_begin else None,
     )
-    if meter.losses: out.update(loss_first=round(meter.losses[0], 4), loss_last=round(meter.losses[-1], 4))
+    if meter.losses: out.update(loss_first=round(meter.losses[0], 4), loss_last=round(meter.losses[-1], 4),
+                                losses=[round(x, 5) for x in meter.losses])
     return out
 
 
@@ -457,6 +544,11 @@ def run_ftlab(a, folder: str, rows: list[dict], meter, info: dict, workdir: Path
     info["ftlab_config"] = text
     if a.print_config: print(text, flush=True)
     cfg = load_config(text, name="bench")
+    if getattr(a, "solo_lora", False):
+        import functools
+        import ftlab.kernels.lora as fk
+        fk.apply_fused_lora = functools.partial(fk.apply_fused_lora, share_input=False)
+        info["ftlab_solo_lora"] = True
 
     orig_load = fmodel.load_model
     def load_model(*args, **kw):
@@ -532,7 +624,9 @@ def one_run(a) -> dict:
         row["error"] = msg.strip().splitlines()[-1][:400] if msg.strip() else type(e).__name__
         if not oom: traceback.print_exc()
     row.update(info)
-    if meter is not None and meter.extra and meter.extra[0].summary: row["profile_pct"] = meter.extra[0].summary
+    if meter is not None and meter.extra and meter.extra[0].summary:
+        row["profile_pct"] = meter.extra[0].summary
+        if meter.extra[0].idle: row["profile_idle"] = {k: v for k, v in meter.extra[0].idle.items() if k != "longest_gaps"}
     if meter is not None:
         row.update(summarize(meter, a.warmup))
         if meter.params: row["params_trainable"], row["params_total"] = meter.params
@@ -551,7 +645,17 @@ def one_run(a) -> dict:
             import resource
             row["peak_rss_gib"] = _gib(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     except Exception: pass
-    if a.impl == "liger" and trainer is not None: row["liger_patched"] = liger_summary(trainer.model)
+    if a.label: row["variant"] = a.label
+    if trainer is not None and (a.impl == "liger" or info.get("ftlab_extra", {}).get("use_liger_kernel")):
+        row["liger_patched"] = liger_summary(trainer.model)
+    if a.impl == "ftlab" and trainer is not None:
+        try:
+            from ftlab.kernels.lora import fused_lora_summary
+            summ = fused_lora_summary(trainer.model)
+            row["fused_lora_layers"] = len(summ["patched"])
+            row["fused_lora_shared_input_groups"] = summ.get("shared_input_groups")
+        except Exception as e:  # informative only
+            row["fused_lora_layers"] = f"unknown ({type(e).__name__})"
     row["versions"] = versions()
     row["wall_s"] = round(time.time() - T0, 2)
     shutil.rmtree(workdir, ignore_errors=True)
@@ -637,7 +741,11 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--mode", choices=["full", "lora", "qlora"], default="lora")
     ap.add_argument("--impl", choices=["baseline", "liger", "ftlab"], default="baseline")
     ap.add_argument("--seq", type=int, default=4096)
-    ap.add_argument("--data", choices=["packed", "mix"], default="packed")
+    ap.add_argument("--data", choices=["packed", "mix", "learn"], default="packed",
+                    help="packed: random ids, rows of exactly seq; mix: length mix packed by TRL; learn: rows of seq "
+                         "tokens with a learnable structure (loss curves)")
+    ap.add_argument("--solo-lora", action="store_true",
+                    help="ftlab's fused LoRA without computing q/k/v and gate/up together (one node per projection)")
     ap.add_argument("--profile", default=None, metavar="DIR",
                     help="profile 2 steps after warm-up with torch.profiler; write DIR/profile-*.md (kernel table)")
     ap.add_argument("--steps", type=int, default=None, help="measured steps after warm-up (default 20; cpu 3)")
@@ -649,6 +757,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--out", help="append the result line to this JSONL file")
     ap.add_argument("--cache", default=DEFAULT_CACHE, help="model folders and scratch (default %(default)s)")
     ap.add_argument("--ftlab-set", action="append", metavar="KEY=VALUE", help="extra ftlab config key (repeatable)")
+    ap.add_argument("--label", help="a name for this ftlab variant, kept in the row (`variant`) and shown in tables")
     ap.add_argument("--print-config", action="store_true", help="print the ftlab YAML config")
     ap.add_argument("--prepare-model", metavar="NAME", help="only build and save the model folder")
     ap.add_argument("--find-max-seq", action="store_true", help="longest sequence that fits at batch 1")
