@@ -54,12 +54,18 @@ def _dequantize(W, quant_state, dtype):
     return Wd if Wd.dtype == dtype else Wd.to(dtype)
 
 
+def _scaled_mm(a, b, s):
+    "`s * (a @ b)` in one matmul (the scale rides on the matmul's alpha)."
+    if s == 1.0: return a @ b
+    return torch.addmm(a.new_empty(()).expand(a.shape[0], b.shape[1]), a, b, beta=0, alpha=s)
+
+
 class LoRALinearFunction(torch.autograd.Function):
     """`y = x @ W^T + bias + s * (x @ A^T) @ B^T` with a hand-written backward; computed in `x.dtype`.
 
     `x`: (..., in). `W`: (out, in) frozen weight, or a packed bitsandbytes 4-bit weight with its `quant_state`.
     `bias`: (out,) or None. `A`: (r, in), `B`: (out, r), any floating dtype. `s`: the LoRA scaling (float).
-    Saves `x`, `x @ A^T` (in the compute dtype), `A`, `B` and `W` as given (never a dequantized copy)."""
+    Saves `x`, `x @ A^T`, `A` and `B` in the compute dtype (tiny), and `W` as given (never a dequantized copy)."""
 
     @staticmethod
     def forward(ctx, x, W, quant_state, bias, A, B, s):
@@ -79,19 +85,19 @@ class LoRALinearFunction(torch.autograd.Function):
         ctx.quant_state = quant_state
         ctx.has_bias = bias is not None
         ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.ab_dtypes = (A.dtype, B.dtype)
         ctx.x_shape = shape
-        ctx.save_for_backward(x2, xa, W, A, B)
+        ctx.save_for_backward(x2, xa, W, Ac, Bc)                   # A, B in the compute dtype: no casts again later
         return out.view(*shape[:-1], out.shape[-1])
 
     @staticmethod
     def backward(ctx, dY):
-        x2, xa, W, A, B = ctx.saved_tensors
+        x2, xa, W, Ac, Bc = ctx.saved_tensors
         s = ctx.s
         dtype = x2.dtype
         need_x, _, _, need_bias, need_A, need_B, _ = ctx.needs_input_grad
         dY2 = dY.reshape(-1, dY.shape[-1])
         if dY2.dtype != dtype: dY2 = dY2.to(dtype)
-        Ac, Bc = A.to(dtype), B.to(dtype)
         dX = dA = dB = dbias = None
         dYB = dY2 @ Bc if (need_x or need_A) else None             # (N, r), shared by dX and dA
         if need_x:
@@ -101,9 +107,9 @@ class LoRALinearFunction(torch.autograd.Function):
             dX.addmm_(dYB, Ac, alpha=s)
             dX = dX.view(ctx.x_shape)
         if need_A:
-            dA = (dYB.t() @ x2).mul_(s).to(A.dtype)                 # (r, in)
+            dA = _scaled_mm(dYB.t(), x2, s).to(ctx.ab_dtypes[0])     # (r, in)
         if need_B:
-            dB = (dY2.t() @ xa).mul_(s).to(B.dtype)                 # (out, r)
+            dB = _scaled_mm(dY2.t(), xa, s).to(ctx.ab_dtypes[1])     # (out, r)
         if need_bias and ctx.has_bias:
             dbias = dY2.sum(0).to(ctx.bias_dtype)
         return dX, None, None, dbias, dA, dB, None
@@ -131,7 +137,8 @@ class LoRAGroupFunction(torch.autograd.Function):
         [dA_1; ...; dA_k] = dYB^T @ X                            (one matmul)
         dB_i  = s_i * dY_i^T @ (X @ A_i^T)                      (`X @ A^T` saved from the forward)
 
-    Saves `x`, `x @ [A]^T` and the weights as given (4-bit weights are dequantized again in the backward)."""
+    Saves `x`, `x @ [A]^T`, `[A]` and the `B`s in the compute dtype, and the weights as given (4-bit weights are
+    dequantized again in the backward)."""
 
     @staticmethod
     def forward(ctx, x, k, quant_states, scales, *params):
@@ -142,41 +149,42 @@ class LoRAGroupFunction(torch.autograd.Function):
         Acat = torch.cat([A.to(dtype) for A in As]) if k > 1 else As[0].to(dtype)
         xa = x2 @ Acat.t()                                          # (N, sum r)
         outs, o = [], 0
-        for W, qs, b, B, s in zip(Ws, quant_states, biases, Bs, scales):
+        Bc = [B.to(dtype) for B in Bs]
+        for W, qs, b, B, s in zip(Ws, quant_states, biases, Bc, scales):
             r = B.shape[1]
             Wd = _dequantize(W, qs, dtype)
             y = torch.addmm(b.to(dtype), x2, Wd.t()) if b is not None else x2 @ Wd.t()
             del Wd
-            y.addmm_(xa[:, o:o + r], B.to(dtype).t(), alpha=s)
+            y.addmm_(xa[:, o:o + r], B.t(), alpha=s)
             outs.append(y.view(*shape[:-1], y.shape[-1]))
             o += r
         ctx.k, ctx.quant_states, ctx.scales, ctx.x_shape = k, quant_states, scales, shape
         ctx.bias_dtypes = [None if b is None else b.dtype for b in biases]
-        ctx.save_for_backward(x2, xa, *Ws, *As, *Bs)
+        ctx.a_dtypes, ctx.b_dtypes, ctx.rs = [A.dtype for A in As], [B.dtype for B in Bs], [B.shape[1] for B in Bs]
+        ctx.save_for_backward(x2, xa, Acat, *Ws, *Bc)               # A, B in the compute dtype: no casts again later
         return tuple(outs)
 
     @staticmethod
     def backward(ctx, *dys):
         k, scales = ctx.k, ctx.scales
-        x2, xa, *rest = ctx.saved_tensors
-        Ws, As, Bs = rest[:k], rest[k:2 * k], rest[2 * k:]
+        x2, xa, Acat, *rest = ctx.saved_tensors
+        Ws, Bc = rest[:k], rest[k:]
         need = ctx.needs_input_grad
         need_x = need[0]
         need_b, need_A, need_B = need[4 + k:4 + 2 * k], need[4 + 2 * k:4 + 3 * k], need[4 + 3 * k:]
         dtype = x2.dtype
         N = x2.shape[0]
-        rs = [B.shape[1] for B in Bs]
+        rs = ctx.rs
         offs = [sum(rs[:i]) for i in range(k)]
         dY = [None if d is None else d.reshape(N, d.shape[-1]) for d in dys]
         dY = [d if d is None or d.dtype == dtype else d.to(dtype) for d in dY]
-        Bc = [B.to(dtype) for B in Bs]
         dYB = None
         if need_x or any(need_A):
             dYB = torch.zeros(N, sum(rs), dtype=dtype, device=x2.device) if any(d is None for d in dY) else None
             parts = []
             for i in range(k):
                 if dY[i] is None: continue
-                part = (dY[i] @ Bc[i]).mul_(scales[i])
+                part = _scaled_mm(dY[i], Bc[i], scales[i])
                 if dYB is not None: dYB[:, offs[i]:offs[i] + rs[i]] = part
                 else: parts.append(part)
             if dYB is None: dYB = torch.cat(parts, dim=1) if k > 1 else parts[0]
@@ -188,19 +196,18 @@ class LoRAGroupFunction(torch.autograd.Function):
                 if dX is None: dX = dY[i] @ Wd
                 else: dX.addmm_(dY[i], Wd)
                 del Wd
-            Acat = torch.cat([A.to(dtype) for A in As]) if k > 1 else As[0].to(dtype)
             if dX is None: dX = dYB @ Acat
             else: dX.addmm_(dYB, Acat)
             dX = dX.view(ctx.x_shape)
         dA = [None] * k
         if any(need_A):
             dAcat = dYB.t() @ x2                                        # (sum r, in)
-            dA = [dAcat[offs[i]:offs[i] + rs[i]].to(As[i].dtype, copy=True) if need_A[i] else None for i in range(k)]
+            dA = [dAcat[offs[i]:offs[i] + rs[i]].to(ctx.a_dtypes[i], copy=True) if need_A[i] else None for i in range(k)]
         dB = [None] * k
         db = [None] * k
         for i in range(k):
             if dY[i] is None: continue
-            if need_B[i]: dB[i] = (dY[i].t() @ xa[:, offs[i]:offs[i] + rs[i]]).mul_(scales[i]).to(Bs[i].dtype)
+            if need_B[i]: dB[i] = _scaled_mm(dY[i].t(), xa[:, offs[i]:offs[i] + rs[i]], scales[i]).to(ctx.b_dtypes[i])
             if need_b[i] and ctx.bias_dtypes[i] is not None: db[i] = dY[i].sum(0).to(ctx.bias_dtypes[i])
         return (dX, None, None, None, *([None] * k), *db, *dA, *dB)
 
