@@ -7,37 +7,70 @@ from __future__ import annotations
 import html, re
 from dataclasses import dataclass, field
 from .errors import FtlabError
+from .strategies import IGNORE
 from .masks import token_view, visible, ANSI
 
 # %% auto #0
-__all__ = ['STYLE', 'BADGES', 'MaskSample', 'sample_from', 'token_text', 'token_title', 'token_span', 'split_long', 'tokens_html',
-           'badge_html', 'sample_head', 'sample_html', 'MaskView', 'sample_text', 'mask_view', 'masks_for']
+__all__ = ['STYLE', 'BADGES', 'STEP', 'STEP_MARK', 'TRAINED', 'KINDS', 'SIDES', 'SIDE_COLOUR', 'row_kind', 'n_trained',
+           'MaskSample', 'sample_from', 'token_text', 'token_title', 'token_span', 'split_long', 'tokens_html',
+           'badge_html', 'label_badge', 'steps_note', 'sample_head', 'sides_html', 'sample_html', 'kind_summary',
+           'MaskView', 'sample_lines', 'sample_text', 'mask_view', 'masks_for']
 
 # %% ../nbs/13_maskview.ipynb #b9427b97
 STYLE = {  # inline CSS per token kind; the class names (ftlab-trained, ...) are for custom themes
     "trained": "background:#c7efc4;color:#0b3d0b;border-right:1px solid #4a47",
     "masked": "color:#8a8a8a;border-right:1px solid #8885",
     "special": "color:#9147d6;font-weight:600;border-right:1px solid #8885",
+    "correct": "background:#86d987;color:#04320a;font-weight:700;outline:1px solid #2e7d32",
+    "incorrect": "background:#f4a6a0;color:#5c0a06;font-weight:700;outline:1px solid #b3261e",
 }
 BADGES = {  # badge → (colour, what it means)
     "no trained tokens": ("#b3261e", "this row teaches nothing; ftlab drops such rows from training"),
     "end of turn not trained": ("#b3261e", "the model will not learn to stop after its answer"),
     "truncated": ("#a15c00", "sequence_len cut this row inside a trained response"),
+    "prompt too long": ("#b3261e", "the prompt fills sequence_len and leaves no room for a response; ftlab drops such rows"),
+    "desirable": ("#2e7d32", "KTO label true: training makes this completion more likely"),
+    "undesirable": ("#8e2b5e", "KTO label false: training makes this completion less likely"),
 }
+STEP = {1: "correct", 0: "incorrect"}    # a stepwise label → the kind of the token that carries it
+STEP_MARK = {"correct": ("✓", "#2e7d32"), "incorrect": ("✗", "#b3261e")}  # shown after a labelled step end
+TRAINED = ("trained", "correct", "incorrect")
+KINDS = ("sft", "pairs", "unpaired", "stepwise")
+SIDES = {"pairs": ("chosen", "rejected"), "unpaired": ("completion",)}
+
+def row_kind(ex: dict) -> str:
+    "The kind of a prepared row: `pairs`, `unpaired` (KTO), `stepwise` (a class per step) or `sft`."
+    if "chosen_ids" in ex or "rejected_ids" in ex: return "pairs"
+    if "completion_ids" in ex: return "unpaired"
+    ids, labels = ex.get("input_ids"), ex.get("labels")
+    if ids is None or labels is None: return "sft"
+    marked = [(int(i), int(l)) for i, l in zip(ids, labels) if l != IGNORE]
+    # SFT labels repeat the token ids; step labels are classes (0/1) that differ from the ids they sit on.
+    return "stepwise" if marked and all(l in STEP for _, l in marked) and any(i != l for i, l in marked) else "sft"
+
+def n_trained(tokens: list[dict]) -> int: return sum(t["kind"] in TRAINED for t in tokens)
 
 @dataclass
 class MaskSample:
-    "One sample as the viewer sees it: `tokens` from `token_view`, where it came from, and its flags."
+    "One sample as the viewer sees it: `tokens` from `token_view` (for a pair or KTO row: the prompt), `sides` after it."
     tokens: list[dict]
     source: str | None = None
     row: int | None = None
     truncated: bool = False
     eot_trained: bool | None = None
+    kind: str = "sft"
+    sides: dict[str, list[dict]] = field(default_factory=dict)
+    label: bool | None = None             # KTO: desirable (True) or not
+    prompt_too_long: bool = False
 
     @property
-    def n_tokens(self) -> int: return len(self.tokens)
+    def n_tokens(self) -> int: return len(self.tokens) + sum(len(ts) for ts in self.sides.values())
     @property
-    def n_trained(self) -> int: return sum(t["kind"] == "trained" for t in self.tokens)
+    def n_trained(self) -> int: return n_trained(self.tokens) + sum(n_trained(ts) for ts in self.sides.values())
+    @property
+    def steps(self) -> list[int]:
+        "Stepwise: the labels of the labelled step ends, in order (1 correct, 0 incorrect)."
+        return [t["label"] for t in self.tokens if t["kind"] in ("correct", "incorrect")]
     @property
     def name(self) -> str:
         return f"{self.source or 'sample'}" + (f"#{self.row}" if self.row is not None else "")
@@ -45,23 +78,42 @@ class MaskSample:
     def badges(self) -> list[str]:
         "What is wrong with this sample, as keys of `BADGES`."
         out = []
-        if self.n_trained == 0: out.append("no trained tokens")
+        if self.prompt_too_long: out.append("prompt too long")
+        elif self.n_trained == 0 or any(n_trained(ts) == 0 for ts in self.sides.values()): out.append("no trained tokens")
         if self.eot_trained is False: out.append("end of turn not trained")
-        if self.truncated: out.append("truncated")
+        if self.truncated and not self.prompt_too_long: out.append("truncated")
         return out
 
-def sample_from(ex: dict, tokenizer, name: str = "sample") -> MaskSample:
-    "A `MaskSample` from a tokenized example (`input_ids`, `labels`, optional `source`, `row`, `truncated`, `eot_trained`)."
+def _fields(ex: dict) -> str: return ", ".join(map(str, ex)) or "no fields"
+
+def sample_from(ex: dict, tokenizer, name: str = "sample", kind: str | None = None) -> MaskSample:
+    "A `MaskSample` from a prepared row of any kind (`kind` defaults to `row_kind(ex)`), with its `source`, `row` and flags."
+    kind = kind or row_kind(ex)
+    if kind not in KINDS: raise FtlabError(f"unknown row kind `{kind}`", fix=f"use one of: {', '.join(KINDS)}")
+    row = ex.get("row")
+    meta = dict(source=ex.get("source"), row=None if row is None else int(row), truncated=bool(ex.get("truncated")),
+                prompt_too_long=bool(ex.get("prompt_too_long")), kind=kind)
+    if kind in SIDES:
+        need = ["prompt_ids", *(f"{s}_ids" for s in SIDES[kind])] + (["label"] if kind == "unpaired" else [])
+        missing = [k for k in need if ex.get(k) is None]
+        if missing:
+            raise FtlabError(f"{name} is a{' pair' if kind == 'pairs' else 'n unpaired row'} without "
+                             f"{', '.join(f'`{k}`' for k in missing)} (it has {_fields(ex)})",
+                             fix="show prepared rows: `Run(cfg).prepare().train` or the output of `prepare_datasets`")
+        p = list(ex["prompt_ids"])
+        sides = {s: token_view(list(ex[f"{s}_ids"]), list(ex[f"{s}_ids"]), tokenizer) for s in SIDES[kind]}
+        return MaskSample(token_view(p, [IGNORE] * len(p), tokenizer), sides=sides,
+                          label=bool(ex["label"]) if kind == "unpaired" else None, **meta)
     if "input_ids" not in ex or "labels" not in ex:
-        raise FtlabError(f"{name} has no `input_ids`/`labels` (it has {', '.join(map(str, ex)) or 'no fields'})",
+        raise FtlabError(f"{name} has no `input_ids`/`labels` (it has {_fields(ex)})",
                          fix="show tokenized rows: `Run(cfg).prepare().train` or the output of `prepare_datasets`")
     ids, labels = list(ex["input_ids"]), list(ex["labels"])
     if len(ids) != len(labels):
         raise FtlabError(f"{name} has {len(ids)} input_ids but {len(labels)} labels",
                          fix="a strategy must return one label per token (-100 where not trained)")
-    row = ex.get("row")
-    return MaskSample(token_view(ids, labels, tokenizer), ex.get("source"), None if row is None else int(row),
-                      bool(ex.get("truncated")), ex.get("eot_trained"))
+    tokens = token_view(ids, labels, tokenizer)
+    if kind == "stepwise": tokens = [dict(t, kind=STEP.get(t["label"], "trained")) if t["kind"] == "trained" else t for t in tokens]
+    return MaskSample(tokens, eot_trained=ex.get("eot_trained"), **meta)
 
 # %% ../nbs/13_maskview.ipynb #8ddaeea2
 _CTRL = {c: chr(0x2400 + c) for c in range(32) if c not in (9, 10)}  # \r → ␍, \x00 → ␀, ...
@@ -73,14 +125,17 @@ def token_text(text: str) -> tuple[str, str]:
     return (body or ("∅" if not s else "")), s[len(body):]
 
 def token_title(t: dict, pos: int) -> str:
+    if t["kind"] in STEP.values(): return f"#{pos} id {t['id']} · label {t['label']} · {t['kind']} step"
     label = t["label"] if t["kind"] == "trained" else f"{t['label']} (not trained)"
     return f"#{pos} id {t['id']} · label {label} · {t['kind']}"
 
 def token_span(t: dict, pos: int) -> str:
     "One token as a `<span>` with inline style, class names and a hover title."
     body, breaks = token_text(t["text"])
+    mark, colour = STEP_MARK.get(t["kind"], ("", ""))
+    if mark: mark = f'<span class="ftlab-step-mark" style="color:{colour};font-weight:700">{mark}</span>'
     return (f'<span class="ftlab-tok ftlab-{t["kind"]}" style="{STYLE[t["kind"]]}" '
-            f'title="{html.escape(token_title(t, pos))}">{html.escape(body, quote=False)}</span>{breaks}')
+            f'title="{html.escape(token_title(t, pos))}">{html.escape(body, quote=False)}</span>{mark}{breaks}')
 
 _TOKENS_STYLE = ("font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,monospace;font-size:12.5px;line-height:1.75;"
                  "white-space:pre-wrap;overflow-wrap:anywhere")
@@ -94,6 +149,11 @@ def split_long(tokens: list, max_tokens: int | None) -> tuple[int, int]:
     head = max(max_tokens // 2, 1)
     return head, max(max_tokens - head, 1)
 
+def _fold_note(mid: list[dict]) -> str:
+    "`N more tokens (K trained)`, or `(K labelled)` where the tokens carry step labels."
+    steps = sum(t["kind"] in STEP.values() for t in mid)
+    return f"{len(mid)} more tokens ({f'{steps} labelled' if steps else f'{n_trained(mid)} trained'})"
+
 def tokens_html(tokens: list[dict], max_tokens: int | None = 400, offset: int = 0) -> str:
     "The tokens as spans in a pre-wrap block; past `max_tokens`, the middle folds into `<details>`."
     spans = lambda ts, start: "".join(token_span(t, offset + start + i) for i, t in enumerate(ts))
@@ -102,10 +162,9 @@ def tokens_html(tokens: list[dict], max_tokens: int | None = 400, offset: int = 
     if tail == 0: body = spans(tokens, 0)
     else:
         mid = tokens[head:n - tail]
-        k = sum(t["kind"] == "trained" for t in mid)
         body = (spans(tokens[:head], 0)
                 + f'<details class="ftlab-more" style="{_MORE_STYLE}"><summary style="{_SUMMARY_STYLE}">'
-                  f'… {len(mid)} more tokens ({k} trained)</summary>{spans(mid, head)}</details>'
+                  f'… {_fold_note(mid)}</summary>{spans(mid, head)}</details>'
                 + spans(tokens[n - tail:], n - tail))
     return f'<div class="ftlab-tokens" style="{_TOKENS_STYLE}">{body}</div>'
 
@@ -114,18 +173,59 @@ def badge_html(key: str) -> str:
     return (f'<span class="ftlab-badge" style="background:{colour};color:#fff;border-radius:4px;padding:0 6px;'
             f'margin-left:6px;font-size:11px" title="{html.escape(why)}">{html.escape(key)}</span>')
 
+def label_badge(s: MaskSample) -> str | None:
+    "A KTO sample's label as a `BADGES` key: `desirable` or `undesirable`."
+    return None if s.label is None else ("desirable" if s.label else "undesirable")
+
+def _trained_note(k: int, n: int) -> str: return f"{k}/{n} tokens trained"
+
+def steps_note(steps: list[int]) -> str:
+    "`3 steps labelled: 2 correct, 1 incorrect`."
+    k, c = len(steps), sum(l == 1 for l in steps)
+    return f"{k} step{'s' * (k != 1)} labelled: {c} correct, {k - c} incorrect"
+
+def _head_note(s: MaskSample) -> str:
+    "What the header says after the sample's name, by kind."
+    if s.kind == "stepwise": return f"{steps_note(s.steps)} · {s.n_tokens} tokens"
+    if s.kind == "pairs": return "pair · prompt " + ", ".join([f"{len(s.tokens)} tokens"] + [f"{k} {len(v)}" for k, v in s.sides.items()])
+    if s.kind == "unpaired": return f"prompt {len(s.tokens)} tokens, completion {len(s.sides['completion'])}"
+    return _trained_note(s.n_trained, s.n_tokens)
+
 def sample_head(s: MaskSample) -> str:
-    "Header line: source and row, trained count, badges."
+    "Header line: source and row, what is trained, the KTO label and the badges."
     where = f'<b>{html.escape(str(s.source or "sample"))}</b>' + (f" row {s.row}" if s.row is not None else "")
-    pct = 100 * s.n_trained / max(s.n_tokens, 1)
-    return (f'<div class="ftlab-sample-head" style="font-size:12px;margin-bottom:3px">{where} · '
-            f'<b>{s.n_trained}</b>/{s.n_tokens} tokens trained ({pct:.0f}%)'
-            + "".join(badge_html(b) for b in s.badges()) + "</div>")
+    if s.kind == "sft":
+        pct = 100 * s.n_trained / max(s.n_tokens, 1)
+        note = f'<b>{s.n_trained}</b>/{s.n_tokens} tokens trained ({pct:.0f}%)'
+    else: note = html.escape(_head_note(s))
+    lab = label_badge(s)
+    return (f'<div class="ftlab-sample-head" style="font-size:12px;margin-bottom:3px">{where}'
+            + (badge_html(lab) if lab else "") + f" · {note}" + "".join(badge_html(b) for b in s.badges()) + "</div>")
+
+SIDE_COLOUR = {"chosen": "#2e7d32", "rejected": "#b3261e", "desirable": "#2e7d32", "undesirable": "#8e2b5e"}
+_PART_HEAD_STYLE = "font-size:12px;color:#777;margin:2px 0"
+_SIDES_STYLE = "display:flex;flex-wrap:wrap;gap:6px 12px;margin-top:6px"
+
+def sides_html(s: MaskSample, max_tokens: int | None = 400) -> str:
+    "The sides after the prompt as columns that wrap under each other when the notebook is narrow."
+    cols = []
+    for side, ts in s.sides.items():
+        colour = SIDE_COLOUR.get(label_badge(s) or side, "#888")
+        cols.append(f'<div class="ftlab-side ftlab-side-{side}" style="flex:1 1 260px;min-width:0;'
+                    f'border-top:3px solid {colour};padding-top:2px">'
+                    f'<div class="ftlab-side-head" style="font-size:12px;margin-bottom:2px">'
+                    f'<b style="color:{colour}">{side}</b> · {_trained_note(n_trained(ts), len(ts))}</div>'
+                    f'{tokens_html(ts, max_tokens, offset=len(s.tokens))}</div>')
+    return f'<div class="ftlab-sides" style="{_SIDES_STYLE}">{"".join(cols)}</div>'
 
 def sample_html(s: MaskSample, max_tokens: int | None = 400) -> str:
-    "One sample: header and tokens, in a thin box."
+    "One sample: header and tokens (for a pair or KTO row: the prompt once, then its sides), in a thin box."
+    body = tokens_html(s.tokens, max_tokens)
+    if s.kind in SIDES:
+        body = (f'<div class="ftlab-prompt"><div class="ftlab-part-head" style="{_PART_HEAD_STYLE}">prompt · '
+                f'{len(s.tokens)} tokens, not trained</div>{body}</div>{sides_html(s, max_tokens)}')
     return (f'<div class="ftlab-sample" style="margin:8px 0;padding:6px 8px;border:1px solid #8884;border-radius:6px">'
-            f'{sample_head(s)}{tokens_html(s.tokens, max_tokens)}</div>')
+            f'{sample_head(s)}{body}</div>')
 
 # %% ../nbs/13_maskview.ipynb #a4ea9497
 _WARN_STYLE = ("background:#fff4e5;color:#5f3700;border-left:4px solid #e8890c;padding:6px 10px;margin:6px 0;"
@@ -142,20 +242,57 @@ def _warning_text(w) -> str:
     msg, fix = getattr(w, "message", str(w)), getattr(w, "fix", None)
     return f"{msg}. Fix: {fix}" if fix else msg
 
-def _legend_html() -> str:
+def _legend_html(kinds=("sft",)) -> str:
     item = lambda k, label: f'<span class="ftlab-legend-{k}" style="{STYLE[k]};padding:0 4px">{label}</span>'
-    return (f'<div class="ftlab-legend" style="font-size:12px;margin:4px 0">{item("trained", "trained")} '
-            f'{item("masked", "not trained")} {item("special", "special")} '
+    shown = ([("trained", "trained")] if set(kinds) - {"stepwise"} else []) + (
+             [("correct", "correct step"), ("incorrect", "incorrect step")] if "stepwise" in kinds else [])
+    shown += [("masked", "not trained"), ("special", "special")]
+    return (f'<div class="ftlab-legend" style="font-size:12px;margin:4px 0">{" ".join(item(*x) for x in shown)} '
             f'<span style="color:#888">· ↵ newline · → tab · hover a token for its id and label</span></div>')
+
+_STEP_ANSI = {"correct": "\x1b[1;30;42m", "incorrect": "\x1b[1;30;41m"}
+_ANSI = {**ANSI, **_STEP_ANSI}
+_MARK = {k: m for k, (m, _) in STEP_MARK.items()}
+
+def _legend_text(kinds, color: bool) -> str:
+    step = "stepwise" in kinds
+    if not color:
+        return ", ".join((["[trained] not trained"] if set(kinds) - {"stepwise"} or not kinds else [])
+                         + (["[step end]✓ correct", "[step end]✗ incorrect"] if step else []))
+    c = lambda k, label: f"{_ANSI[k]}{label}\x1b[0m"
+    shown = ([c("trained", "trained")] if set(kinds) - {"stepwise"} or not kinds else []) + (
+             [c("correct", "correct step"), c("incorrect", "incorrect step")] if step else [])
+    return " ".join(shown + [c("masked", "not trained"), c("special", "special")])
 
 def _rows(examples) -> list[dict]:
     "Examples as a list of dicts, from a list, a Dataset, one example or a column slice (`ds[:3]`)."
     if isinstance(examples, dict):
-        ids = examples.get("input_ids")
+        ids = next((examples[k] for k in ("input_ids", "prompt_ids") if examples.get(k) is not None), None)
         if ids is not None and len(ids) and not isinstance(ids[0], int) and hasattr(ids[0], "__len__"):
             return [{k: v[i] for k, v in examples.items()} for i in range(len(ids))]
         return [examples]
     return list(examples)
+
+def _avg(xs) -> str: return f"{sum(xs) / max(len(xs), 1):.0f}"
+def _n(k: int, word: str) -> str: return f"{k} {word}{'s' * (k != 1)}"
+
+def kind_summary(kind: str, samples: list[MaskSample]) -> str:
+    "One line about the samples of one kind: counts that matter for it."
+    n = len(samples)
+    if kind == "pairs":
+        return (f"{_n(n, 'pair')} shown · prompt {_avg([len(s.tokens) for s in samples])} tokens avg, "
+                f"chosen {_avg([len(s.sides['chosen']) for s in samples])}, "
+                f"rejected {_avg([len(s.sides['rejected']) for s in samples])}")
+    if kind == "unpaired":
+        good = sum(bool(s.label) for s in samples)
+        return (f"{_n(n, 'completion')} shown ({good} desirable, {n - good} undesirable) · "
+                f"prompt {_avg([len(s.tokens) for s in samples])} tokens avg, "
+                f"completion {_avg([len(s.sides['completion']) for s in samples])}")
+    tokens = sum(s.n_tokens for s in samples)
+    if kind == "stepwise":
+        return f"{_n(n, 'sample')} shown · {steps_note([l for s in samples for l in s.steps])} · {tokens} tokens"
+    k = sum(s.n_trained for s in samples)
+    return f"{_n(n, 'sample')} shown · {tokens} tokens · {k} trained ({100 * k / max(tokens, 1):.1f}%)"
 
 @dataclass
 class MaskView:
@@ -169,11 +306,14 @@ class MaskView:
     def n_tokens(self) -> int: return sum(s.n_tokens for s in self.samples)
     @property
     def n_trained(self) -> int: return sum(s.n_trained for s in self.samples)
+    @property
+    def kinds(self) -> list[str]:
+        "The row kinds shown, in order of first appearance."
+        return list(dict.fromkeys(s.kind for s in self.samples))
 
     def summary(self) -> str:
-        n = len(self.samples)
-        pct = 100 * self.n_trained / max(self.n_tokens, 1)
-        return f"{n} sample{'s' * (n != 1)} shown · {self.n_tokens} tokens · {self.n_trained} trained ({pct:.1f}%)"
+        if not self.samples: return kind_summary("sft", [])
+        return "; ".join(kind_summary(k, [s for s in self.samples if s.kind == k]) for k in self.kinds)
 
     @property
     def html(self) -> str:
@@ -181,8 +321,8 @@ class MaskView:
                  'font-size:13px;line-height:1.5">']
         if self.title: parts.append(f'<div class="ftlab-title" style="font-weight:600">{html.escape(self.title)}</div>')
         parts += [f'<div class="ftlab-warning" style="{_WARN_STYLE}">⚠ {_code(w)}</div>' for w in self.warnings]
-        parts.append(_legend_html())
-        parts.append(f'<div class="ftlab-summary" style="font-size:12px;color:#888">{self.summary()}</div>')
+        parts.append(_legend_html(self.kinds or ["sft"]))
+        parts.append(f'<div class="ftlab-summary" style="font-size:12px;color:#888">{html.escape(self.summary())}</div>')
         parts += [sample_html(s, self.max_tokens) for s in self.samples]
         return "".join(parts) + "</div>"
 
@@ -192,42 +332,66 @@ class MaskView:
         "Plain text (trained runs in [brackets]) or, with `color`, ANSI colours as in `render_ansi`."
         out = [self.title] if self.title else []
         out += [f"⚠ {w}" for w in self.warnings]
-        out.append(f"── {self.summary()} · " + ("[trained] not trained" if not color else
-                   f"{ANSI['trained']}trained\x1b[0m {ANSI['masked']}not trained\x1b[0m {ANSI['special']}special\x1b[0m"))
-        for s in self.samples:
-            head = f"── {s.name} · {s.n_trained}/{s.n_tokens} tokens trained"
-            out += ["", head + "".join(f" · {b}" for b in s.badges()), sample_text(s.tokens, self.max_tokens, color)]
+        out.append(f"── {self.summary()} · {_legend_text(self.kinds, color)}")
+        for s in self.samples: out += ["", *sample_lines(s, self.max_tokens, color)]
         return "\n".join(out)
 
     def __repr__(self) -> str: return self.text()
     __str__ = __repr__
 
+def sample_lines(s: MaskSample, max_tokens: int | None = 400, color: bool = False) -> list[str]:
+    "A sample as text lines: its header, then its tokens (for a pair or KTO row: the prompt, then each side, headed)."
+    lab = label_badge(s)
+    head = f"── {s.name}" + (f" · {lab}" if lab else "") + f" · {_head_note(s)}" + "".join(f" · {b}" for b in s.badges())
+    if s.kind not in SIDES: return [head, sample_text(s.tokens, max_tokens, color)]
+    out = [head, f"▸ prompt · {len(s.tokens)} tokens, not trained", sample_text(s.tokens, max_tokens, color)]
+    for side, ts in s.sides.items():
+        out += [f"▸ {side} · {_trained_note(n_trained(ts), len(ts))}", sample_text(ts, max_tokens, color)]
+    return out
+
 def sample_text(tokens: list[dict], max_tokens: int | None = 400, color: bool = False) -> str:
-    "A token list as text: trained runs in [brackets] (or ANSI colours), long middles folded into one line."
+    "A token list as text: trained runs in [brackets] (or ANSI colours), step ends as [token]✓ or ✗, long middles folded."
+    def close(out):   # `]` goes before the line breaks that end the run, not at the start of the next line
+        last = out[-1] if out else ""
+        body = last.rstrip("\n")
+        if out: out[-1] = body
+        out.append("]" + last[len(body):])
     def run(ts):
         out, open_ = [], False
         for t in ts:
-            s = visible(t["text"]).translate(_CTRL)
-            if color: out.append(f"{ANSI[t['kind']]}{s}\x1b[0m"); continue
-            tr = t["kind"] == "trained"
-            if tr != open_: out.append("[" if tr else "]"); open_ = tr
+            s, k = visible(t["text"]).translate(_CTRL), t["kind"]
+            mark = _MARK.get(k, "")
+            if color:
+                body = s.rstrip("\n")
+                out.append(f"{_ANSI[k]}{body}{mark}\x1b[0m{s[len(body):]}" if mark else f"{_ANSI[k]}{s}\x1b[0m"); continue
+            if mark:   # a labelled step end: the token in brackets, then ✓ or ✗, then its line break
+                if open_: close(out); open_ = False
+                body = s.rstrip("\n")
+                out.append(f"[{body}]{mark}{s[len(body):]}"); continue
+            tr = k == "trained"
+            if tr != open_:
+                if tr: out.append("[")
+                else: close(out)
+                open_ = tr
             out.append(s)
-        return "".join(out) + ("]" if open_ else "")
+        if open_: close(out)
+        return "".join(out)
     n = len(tokens)
     head, tail = split_long(tokens, max_tokens)
     if tail == 0: return run(tokens).rstrip("\n")
     mid, first = tokens[head:n - tail], run(tokens[:head])
-    k = sum(t["kind"] == "trained" for t in mid)
-    return (f"{first}{'' if first.endswith(chr(10)) else chr(10)}… {len(mid)} more tokens ({k} trained) …\n"
+    return (f"{first}{'' if first.endswith(chr(10)) else chr(10)}… {_fold_note(mid)} …\n"
             + run(tokens[n - tail:]).rstrip("\n"))
 
-def mask_view(examples, tokenizer, warnings=None, title: str | None = None, max_tokens: int | None = 400) -> MaskView:
-    "Label masks of `examples` (dicts with `input_ids`, `labels`, optional `source`, `row`, `truncated`, `eot_trained`)."
-    samples = [sample_from(ex, tokenizer, f"example {i}") for i, ex in enumerate(_rows(examples))]
+def mask_view(examples, tokenizer, warnings=None, title: str | None = None, max_tokens: int | None = 400,
+              kind: str | None = None) -> MaskView:
+    "Label masks of prepared rows of any kind (SFT, pairs, KTO, stepwise); `kind` overrides `row_kind` for every row."
+    samples = [sample_from(ex, tokenizer, f"example {i}", kind) for i, ex in enumerate(_rows(examples))]
     return MaskView(samples, [_warning_text(w) for w in warnings or []], title, max_tokens)
 
 # %% ../nbs/13_maskview.ipynb #94de908a
-def masks_for(prepared, tokenizer, n: int = 3, start: int = 0, split: str = "train", max_tokens: int | None = 400) -> MaskView:
+def masks_for(prepared, tokenizer, n: int = 3, start: int = 0, split: str = "train", max_tokens: int | None = 400,
+              kind: str | None = None) -> MaskView:
     "Label masks of rows `start`…`start+n-1` of a `Prepared`'s `train` or `eval` split, with the dataset's warnings."
     if split not in ("train", "eval"):
         raise FtlabError(f"unknown split `{split}`", fix="use `train` or `eval`")
@@ -243,4 +407,4 @@ def masks_for(prepared, tokenizer, n: int = 3, start: int = 0, split: str = "tra
     title = f"Label masks · {split} rows {start}–{stop - 1} of {total}" if stop > start else f"Label masks · {split}"
     if report is not None: title += f" · dataset: {report.summary()}"
     warnings = prepared.warnings() if hasattr(prepared, "warnings") else (report.warnings() if report else [])
-    return mask_view(rows, tokenizer, warnings=warnings, title=title, max_tokens=max_tokens)
+    return mask_view(rows, tokenizer, warnings=warnings, title=title, max_tokens=max_tokens, kind=kind)
