@@ -6,9 +6,10 @@
 from __future__ import annotations
 import argparse, math, sys
 from .errors import FtlabError
+from .events import figures
 
 # %% auto #0
-__all__ = ['METHOD_FIGURES', 'COMMANDS', 'cmd_validate', 'cmd_preprocess', 'format_record', 'cmd_train', 'main']
+__all__ = ['COMMANDS', 'cmd_validate', 'cmd_preprocess', 'format_record', 'cmd_train', 'main']
 
 # %% ../nbs/12_cli.ipynb #f9494584
 def _parser() -> argparse.ArgumentParser:
@@ -63,22 +64,19 @@ def cmd_preprocess(args) -> int:
     return 0
 
 # %% ../nbs/12_cli.ipynb #a3a20ab7
-# The figures that say whether a preference or reward run learns, printed beside the loss when a method logs them.
-METHOD_FIGURES = [("rewards/margins", "margin", ".3f"), ("rewards/accuracies", "acc", ".2f"), ("kl", "kl", ".3f"),
-                  ("accuracy", "pair acc", ".2f"), ("step_accuracy", "step acc", ".2f")]
-
 def format_record(r: dict) -> str | None:
     "A terminal line for one event record (None for events not worth a line)."
     e = r.get("event")
     if e == "log":
         parts = [f"step {r['step']}"]
-        for k, label, fmt in [("loss", "loss", ".4f"), *METHOD_FIGURES, ("learning_rate", "lr", ".2e"),
-                              ("grad_norm", "grad", ".3f"), ("tokens_per_second", "tok/s", ".0f")]:
+        if r.get("loss") is not None: parts.append(f"loss {r['loss']:.4f}")
+        parts += figures(r)
+        for k, label, fmt in [("learning_rate", "lr", ".2e"), ("grad_norm", "grad", ".3f"), ("tokens_per_second", "tok/s", ".0f")]:
             if r.get(k) is not None: parts.append(f"{label} {r[k]:{fmt}}")
         return " · ".join(parts)
     if e == "eval":
         parts = [f"step {r['step']} · eval_loss {r.get('eval_loss', float('nan')):.4f}"]
-        parts += [f"{label} {r['eval_' + k]:{fmt}}" for k, label, fmt in METHOD_FIGURES if r.get("eval_" + k) is not None]
+        parts += figures(r, "eval_")
         return " · ".join(parts)
     if e == "warning": return f"warning: {r['message']}"
     if e == "note": return f"note: {r['message']}"

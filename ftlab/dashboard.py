@@ -6,6 +6,7 @@
 from __future__ import annotations
 import html, time, uuid
 from .charts import Chart
+from .events import figures
 
 # %% auto #0
 __all__ = ['URGENT', 'in_notebook', 'Dashboard', 'status', 'status_text', 'status_html']
@@ -73,7 +74,8 @@ def status(records: list[dict]) -> dict:
     end = next((r for r in reversed(records) if r.get("event") in ("end", "interrupted")), None)
     return dict(step=step, total=total, epoch=last.get("epoch"), elapsed=t, eta=eta, loss=last.get("loss"),
                 eval_loss=evals[-1]["eval_loss"] if evals else None, tps=last.get("tokens_per_second"),
-                notices=[r for r in records if r.get("event") in ("note", "warning", "health")], end=end)
+                notices=[r for r in records if r.get("event") in ("note", "warning", "health")], end=end,
+                figures=figures(last), eval_figures=figures(evals[-1], "eval_") if evals else [])
 
 def status_text(st: dict) -> str:
     parts = [f"step {st['step']}" + (f"/{st['total']}" if st["total"] else "")]
@@ -82,7 +84,9 @@ def status_text(st: dict) -> str:
     if st["eta"] is not None and not st["end"]: parts.append(f"ETA {_fmt_time(st['eta'])}")
     if st["tps"]: parts.append(f"{st['tps']:,.0f} tok/s")
     if st["loss"] is not None: parts.append(f"loss {st['loss']:.4f}")
+    parts += st.get("figures", [])
     if st["eval_loss"] is not None: parts.append(f"eval {st['eval_loss']:.4f}")
+    parts += [f"eval {f}" for f in st.get("eval_figures", [])]
     return " · ".join(parts)
 
 def status_html(st: dict) -> str:

@@ -8,7 +8,8 @@ import json, math, time
 from pathlib import Path
 
 # %% auto #0
-__all__ = ['METRICS_FILE', 'MetricsLog', 'read_metrics', 'history', 'event_callback', 'stop_callback']
+__all__ = ['METRICS_FILE', 'METHOD_FIGURES', 'MetricsLog', 'read_metrics', 'history', 'figures', 'event_callback',
+           'stop_callback']
 
 # %% ../nbs/10_events.ipynb #8c96b378
 METRICS_FILE = "metrics.jsonl"
@@ -45,6 +46,14 @@ def history(records: list[dict], events=("log", "eval")) -> list[dict]:
     for r in records:
         if r.get("event") in events: seen[(r["event"], r.get("step"))] = r
     return sorted(seen.values(), key=lambda r: (r.get("step") or 0, r["event"]))
+
+# %% ../nbs/10_events.ipynb #93780b05
+METHOD_FIGURES = [("rewards/margins", "margin", ".3f"), ("rewards/accuracies", "acc", ".2f"), ("kl", "kl", ".3f"),
+                  ("accuracy", "pair acc", ".2f"), ("step_accuracy", "step acc", ".2f")]
+
+def figures(record: dict, prefix: str = "") -> list[str]:
+    "The method's headline numbers in a log (or, with `prefix='eval_'`, an eval) record, as `label value` texts."
+    return [f"{label} {record[prefix + k]:{fmt}}" for k, label, fmt in METHOD_FIGURES if record.get(prefix + k) is not None]
 
 # %% ../nbs/10_events.ipynb #1b0bc206
 def event_callback(emit):

@@ -63,14 +63,18 @@ def _human(n: int) -> str:
 def count_params(cfg) -> tuple[int, int, object]:
     "(trainable, total, model config) for `cfg` without loading weights: the model is built on the meta device."
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    import transformers
+    from transformers import AutoConfig
     from ftlab.tokenizer import model_path, _load_error
+    from ftlab.model import model_head
+    auto, num_labels, _ = model_head(cfg)
     try:
-        mcfg = AutoConfig.from_pretrained(model_path(cfg.base_model), trust_remote_code=cfg.trust_remote_code)
+        mcfg = AutoConfig.from_pretrained(model_path(cfg.base_model), trust_remote_code=cfg.trust_remote_code,
+                                          **({"num_labels": num_labels} if num_labels else {}))
     except Exception as e:
         raise _load_error("model config", cfg.base_model, e, "base_model") from None
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(mcfg, trust_remote_code=cfg.trust_remote_code)
+        model = getattr(transformers, auto).from_config(mcfg, trust_remote_code=cfg.trust_remote_code)
     total = sum(p.numel() for p in model.parameters())
     if not cfg.adapter: return total, total, mcfg
     from peft import get_peft_model
@@ -91,6 +95,10 @@ def estimate_memory(cfg, mcfg, trainable: int, total: int, dtype: str) -> dict:
     L = getattr(mcfg, "num_hidden_layers", 0) or 0
     V = getattr(mcfg, "vocab_size", 0) or 0
     tokens = cfg.micro_batch_size * cfg.sequence_len
+    from ftlab.config import METHOD_DATA
+    if METHOD_DATA.get(cfg.method) == "pairs": tokens *= 2        # chosen and rejected go through the model together
+    if cfg.method in ("dpo", "ipo", "kto") and not cfg.adapter and not cfg.precompute_ref_log_probs:
+        weights += total * BYTES[dtype]                            # the frozen reference copy of full fine-tuning
     act_bytes = 2 if dtype != "float32" else 4
     # Per layer and token, roughly 17 hidden-sized values are kept for the backward pass (attention, MLP, norms);
     # with checkpointing only the layer inputs are. Logits and their softmax add 2 vocab-sized values per token.

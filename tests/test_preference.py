@@ -234,3 +234,26 @@ def test_user_defined_field_mapping(tmp_path, tok):
     ex = prepare_datasets(load_config(cfg_text(tmp_path, "rl: dpo", type_=t)), tok, {"rows": data}).train[0]
     assert tok.decode(ex["prompt_ids"] + ex["chosen_ids"]).endswith("Q: What is 2 plus 2?\nA: 4.<|im_end|>")
     assert tok.decode(ex["rejected_ids"]) == " 5.<|im_end|>"   # the space merged into the answer token, as in TRL
+
+
+# --- every method end to end, in a notebook cell
+
+
+@pytest.mark.parametrize("method,data,type_", METHODS, ids=[m[0] for m in METHODS])
+def test_each_method_trains_in_a_finetune_cell(tmp_path, monkeypatch, method, data, type_):
+    from IPython.core.interactiveshell import InteractiveShell
+    from IPython.utils.capture import capture_output
+    import ftlab.dashboard as dash
+    monkeypatch.setattr(dash, "in_notebook", lambda: True)
+    shell = InteractiveShell.instance()
+    shell.run_line_magic("load_ext", "ftlab")
+    body = cfg_text(tmp_path, method, "val_set_size: 8\neval_steps: 2\n", f"ftlab:data/{data}.jsonl", type_)
+    with capture_output() as cap:
+        shell.run_cell_magic("finetune", "--name pref_run --max-steps 2", body)
+    run = shell.user_ns["pref_run"]
+    assert run.state == "finished" and list(run.history["step"]) == [1, 2]
+    charts = [o.data["application/vnd.plotly.v1+json"] for o in cap.outputs if "application/vnd.plotly.v1+json" in o.data]
+    titles = {a.get("text", "").replace("<b>", "").replace("</b>", "") for a in charts[-1]["layout"].get("annotations", [])}
+    from ftlab.methods import get_method
+    assert {p.title for p in get_method(run.cfg).panels} <= titles   # the method's own panels are drawn
+    assert "finished at step 2" in "\n".join(o.data.get("text/html", "") for o in cap.outputs)
