@@ -233,7 +233,9 @@ def stepwise_supervised(row: dict, ctx: StrategyContext) -> list[dict]:
     bad = [m for m in marks if not (isinstance(m, bool) or (isinstance(m, int) and m in (0, 1)))]
     if bad: raise FtlabError(f"step labels must be true or false, got {bad[0]!r}", fix="label each step true (correct) or false")
     sep = tok(ds.step_separator if ds.step_separator is not None else "\n", add_special_tokens=False)["input_ids"]
-    ids = ([tok.bos_token_id] if tok.bos_token_id is not None else []) + list(tok(str(row[fp]), add_special_tokens=False)["input_ids"])
+    prompt = str(row[fp])
+    if prompt and not prompt[-1].isspace(): prompt += ds.step_separator if ds.step_separator is not None else "\n"
+    ids = ([tok.bos_token_id] if tok.bos_token_id is not None else []) + list(tok(prompt, add_special_tokens=False)["input_ids"])
     labels = [IGNORE] * len(ids)
     for k, (step, mark) in enumerate(zip(steps, marks)):
         s = list(tok(str(step), add_special_tokens=False)["input_ids"]) + list(sep)

@@ -277,6 +277,13 @@ def _chat(self, message: str, system: str | None = None, history: list[dict] | N
 
 Run.chat = _chat
 
+def _score(self, prompt, responses):
+    "A reward model's scores for `responses` to `prompt` (see `ftlab.reward.score`)."
+    from ftlab.reward import score
+    return score(self, prompt, responses)
+
+Run.score = _score
+
 # %% ../nbs/11_run.ipynb #713c6549
 def _save(self, path) -> Path:
     "Copy the trained adapter/model, tokenizer, config.yaml and metrics.jsonl to `path`."

@@ -12,7 +12,9 @@ pre-training corpus (`scripts/build_tiny.py`), so the model can read them:
   are hard for a model this small: a reward model's held-out accuracy lands between the two.
 - `kto.jsonl`: the same kind of answers unpaired, `prompt` + `completion` (text) + boolean `label`.
 - `stepwise.jsonl` (TRL's stepwise-supervised layout): a sum of three numbers worked in steps, `labels` true per
-  correct step; in about half the rows one step has a wrong result, and it and every later step are labelled false.
+  correct step. A quarter of the rows get the second sum wrong (it and the answer after it are labelled false), a
+  quarter state an answer that does not repeat the worked result (only the answer is false). The second kind can
+  be checked by comparing two numbers in the text, which even a very small model can learn.
 """
 from __future__ import annotations
 
@@ -71,15 +73,14 @@ def stepwise_rows(rng: random.Random, n: int) -> list[dict]:
         s1, s2 = a + b, a + b + c
         steps = [f"{a} plus {b} is {s1}.", f"{s1} plus {c} is {s2}.", f"The answer is {s2}."]
         labels = [True, True, True]
-        if rng.random() < 0.5:   # one wrong step; it and all after it are wrong
-            k = rng.randint(0, 1)
-            if k == 0:
-                w = wrong(s1, rng)
-                steps = [f"{a} plus {b} is {w}.", f"{w} plus {c} is {w + c}.", f"The answer is {w + c}."]
-            else:
-                w = wrong(s2, rng)
-                steps = [steps[0], f"{s1} plus {c} is {w}.", f"The answer is {w}."]
-            labels = [i < k for i in range(3)]
+        mode = rng.random()
+        if mode < 0.25:     # a wrong sum in the second step; it and the answer built on it are wrong
+            w = wrong(s2, rng)
+            steps[1:] = [f"{s1} plus {c} is {w}.", f"The answer is {w}."]
+            labels = [True, False, False]
+        elif mode < 0.5:    # right working, but the answer does not repeat the result
+            steps[2] = f"The answer is {wrong(s2, rng)}."
+            labels = [True, True, False]
         rows.append({"prompt": f"What is {a} plus {b} plus {c}?", "completions": steps, "labels": labels})
     return rows
 

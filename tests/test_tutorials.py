@@ -46,3 +46,36 @@ def test_label_masks(tmp_path):
     h = html(nb)
     assert h.count("ftlab-plan") == 5 and "ftlab-tok ftlab-trained" in h and "ftlab-tok ftlab-special" in h
     assert "will not learn to stop" in h
+
+
+def charts_of(nb):
+    return [o["data"]["application/vnd.plotly.v1+json"] for o in outputs(nb)
+            if "application/vnd.plotly.v1+json" in o.get("data", {})]
+
+
+def series(chart, name):
+    return next(t for t in chart["data"] if t["name"] == name)
+
+
+def test_dpo(tmp_path):
+    nb, work = execute("dpo", tmp_path)
+    h, t = html(nb), text(nb)
+    assert "ftlab-plan" in h and "finished at step 40" in h
+    assert "chosen" in h and "rejected" in h and "ftlab-tok ftlab-trained" in h      # the pair view
+    margin = series(charts_of(nb)[-1], "reward margin: train")
+    assert margin["x"][-1] == 40 and sum(margin["y"][-5:]) / 5 > sum(margin["y"][:5]) / 5 + 1
+    acc = series(charts_of(nb)[-1], "reward accuracy: eval")
+    assert acc["y"][-1] > 0.6                                                          # held-out pairs, chance 0.5
+    assert "held-out accuracy" in t and "8" in t                                       # the chat answers "6 plus 2 is 8."
+    assert (work / "outputs" / "dpo" / "adapter_model.safetensors").exists()
+    assert "Warning" not in t and "Failed to load" not in t
+
+
+def test_reward_model(tmp_path):
+    nb, work = execute("reward_model", tmp_path)
+    h, t = html(nb), text(nb)
+    acc = series(charts_of(nb)[0], "pair accuracy (chosen scored higher): eval")
+    assert acc["y"][-1] > 0.7
+    assert "eval_accuracy" in t and "finished at step 40" in h
+    assert "ftlab-plan" in h and "correct" in h and "incorrect" in h                   # the PRM dry run's step labels
+    assert not (work / "outputs" / "prm").exists() or not any((work / "outputs" / "prm").iterdir())
