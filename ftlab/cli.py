@@ -50,6 +50,7 @@ def cmd_validate(args) -> int:
 def cmd_preprocess(args) -> int:
     from ftlab.run import Run
     from ftlab.masks import render_ansi
+    from ftlab.maskview import row_kind, sample_from, sample_lines
     run = Run(_load(args))
     p = run.prepare()
     print(f"prepared {'(from cache) ' if p.cached else ''}{p.report.summary()}")
@@ -59,8 +60,11 @@ def cmd_preprocess(args) -> int:
         color = sys.stdout.isatty()
         for i in range(min(args.samples, len(p.train))):
             ex = p.train[i]
-            print(f"\n── sample {i} ({ex['source']} row {ex['row']})")
-            print(render_ansi(ex["input_ids"], ex["labels"], run.tokenizer, color=color))
+            if row_kind(ex) == "sft":
+                print(f"\n── sample {i} ({ex['source']} row {ex['row']})")
+                print(render_ansi(ex["input_ids"], ex["labels"], run.tokenizer, color=color))
+            else:   # pairs, KTO rows and steps: the mask viewer's text form, with its header (side counts, label)
+                print("\n" + "\n".join(sample_lines(sample_from(ex, run.tokenizer, f"sample {i}"), None, color)))
     return 0
 
 # %% ../nbs/12_cli.ipynb #a3a20ab7

@@ -257,3 +257,15 @@ def test_each_method_trains_in_a_finetune_cell(tmp_path, monkeypatch, method, da
     from ftlab.methods import get_method
     assert {p.title for p in get_method(run.cfg).panels} <= titles   # the method's own panels are drawn
     assert "finished at step 2" in "\n".join(o.data.get("text/html", "") for o in cap.outputs)
+
+
+def test_preprocess_debug_shows_pairs_and_labels(tmp_path, capsys):
+    from ftlab.cli import main
+    for method, data, type_, expect in [("rl: dpo", "preference", "chat_template", ["▸ chosen", "▸ rejected", "▸ prompt"]),
+                                        ("rl: kto", "kto", "chat_template", ["desirable", "▸ completion"]),
+                                        ("process_reward_model: true", "stepwise", "stepwise_supervised", ["[↵]✓"])]:
+        path = tmp_path / "cfg.yaml"
+        path.write_text(cfg_text(tmp_path, method, "", f"ftlab:data/{data}.jsonl", type_))
+        assert main(["preprocess", str(path), "--debug", "--samples", "2"]) == 0
+        out = capsys.readouterr().out
+        assert all(e in out for e in expect), (method, out[-600:])
