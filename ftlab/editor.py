@@ -748,7 +748,8 @@ class _Form:
 PRESETS = {
     # The configs that ship with ftlab (`ftlab:configs/...`), read rather than copied.
     **{name: (ASSETS_DIR / "configs" / f).read_text() for name, f in [
-        ("SFT + LoRA (tiny)", "tiny-lora.yaml"), ("SFT + QLoRA (tiny)", "tiny-qlora.yaml"), ("Full fine-tune (tiny)", "tiny-full.yaml")]},
+        ("SFT + LoRA (tiny)", "tiny-lora.yaml"), ("SFT + QLoRA (tiny)", "tiny-qlora.yaml"), ("Full fine-tune (tiny)", "tiny-full.yaml"),
+        ("DPO + LoRA (tiny)", "tiny-dpo.yaml"), ("Reward model + LoRA (tiny)", "tiny-reward-model.yaml")]},
     "SFT + QLoRA (Qwen2.5-0.5B, GPU)": """
 base_model: Qwen/Qwen2.5-0.5B-Instruct
 load_in_4bit: true
@@ -773,27 +774,6 @@ bf16: auto
 gradient_checkpointing: true
 logging_steps: 1
 output_dir: ./outputs/qwen-qlora
-""",
-    "DPO + LoRA": """
-base_model: ftlab:tiny
-rl: dpo
-rl_beta: 0.1
-datasets:
-  - path: ftlab:data/preference.jsonl
-    type: chat_template
-sequence_len: 256
-adapter: lora
-lora_r: 16
-lora_alpha: 32
-lora_target_linear: true
-micro_batch_size: 4
-gradient_accumulation_steps: 2
-max_steps: 100
-learning_rate: 5.0e-5
-lr_scheduler: cosine
-warmup_ratio: 0.1
-bf16: auto
-output_dir: ./outputs/tiny-dpo
 """,
     "GRPO + LoRA": """
 base_model: ftlab:tiny
