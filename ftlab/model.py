@@ -47,8 +47,10 @@ def quantization_config(cfg, dtype):
     "A `BitsAndBytesConfig` for `load_in_4bit` (nf4, QLoRA) or `load_in_8bit`, else None."
     if not (cfg.load_in_4bit or cfg.load_in_8bit): return None
     from transformers import BitsAndBytesConfig
-    if cfg.load_in_8bit: return BitsAndBytesConfig(load_in_8bit=True)
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=cfg.bnb_4bit_quant_type or "nf4",
+    # A reward model's scoring head is new and trained in full: it must stay a plain layer, not be quantized.
+    skip = {"llm_int8_skip_modules": ["score", "classifier"]} if cfg.method in MODEL_HEADS else {}
+    if cfg.load_in_8bit: return BitsAndBytesConfig(load_in_8bit=True, **skip)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=cfg.bnb_4bit_quant_type or "nf4", **skip,
                               bnb_4bit_use_double_quant=cfg.bnb_4bit_use_double_quant if cfg.bnb_4bit_use_double_quant is not None else True,
                               bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_storage=dtype)
 

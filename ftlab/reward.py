@@ -34,8 +34,15 @@ def build_reward_model(cfg, model, tokenizer, prepared, callbacks=()):
     from ftlab.preference import _peft
     train, evalset = whole_sequences(prepared.train), whole_sequences(prepared.eval)
     args = RewardConfig(**preference_args(cfg, train, evalset))
-    return RewardTrainer(model=model, args=args, train_dataset=train, eval_dataset=evalset, processing_class=tokenizer,
-                         peft_config=_peft(cfg, model), callbacks=list(callbacks))
+    trainer = RewardTrainer(model=model, args=args, train_dataset=train, eval_dataset=evalset, processing_class=tokenizer,
+                            peft_config=_peft(cfg, model), callbacks=list(callbacks))
+    if cfg.load_in_4bit or cfg.load_in_8bit:
+        # TRL stores a quantized model's trainable weights in bf16 (QLoRA's recipe). LoRA layers cast their input to
+        # match; the scoring head is a whole layer fed in the compute dtype, so it keeps that dtype.
+        from ftlab.model import torch_dtype
+        for name, p in trainer.model.named_parameters():
+            if p.requires_grad and ".score." in f".{name}": p.data = p.data.to(torch_dtype(cfg))
+    return trainer
 
 # %% ../nbs/22_reward.ipynb #575c835d
 PRM_PANELS = [

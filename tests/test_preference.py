@@ -269,3 +269,30 @@ def test_preprocess_debug_shows_pairs_and_labels(tmp_path, capsys):
         assert main(["preprocess", str(path), "--debug", "--samples", "2"]) == 0
         out = capsys.readouterr().out
         assert all(e in out for e in expect), (method, out[-600:])
+
+
+QLORA = "adapter: qlora\nload_in_4bit: true\nlora_r: 8\nlora_alpha: 16\nlora_target_linear: true\n"
+
+
+@pytest.mark.parametrize("method,data,type_,adapter", [
+    ("rl: dpo", "preference", "chat_template", "qlora"), ("rl: dpo", "preference", "chat_template", "full"),
+    ("rl: kto", "kto", "chat_template", "full"), ("rl: orpo", "preference", "chat_template", "qlora"),
+    ("rl: simpo", "preference", "chat_template", "full"),
+    ("reward_model: true", "preference", "bradley_terry.chat_template", "qlora"),
+    ("process_reward_model: true", "stepwise", "stepwise_supervised", "qlora"),
+    ("process_reward_model: true", "stepwise", "stepwise_supervised", "full")])
+def test_methods_with_qlora_and_full_fine_tuning(tmp_path, method, data, type_, adapter):
+    text = cfg_text(tmp_path, method, "max_steps: 2\n", f"ftlab:data/{data}.jsonl", type_)
+    text = text.replace(LORA, QLORA if adapter == "qlora" else "")
+    run = Run(load_config(text)).train()
+    assert run.state == "finished" and [r["step"] for r in our_logs(run)] == [1, 2]
+    assert all(r["loss"] == r["loss"] for r in our_logs(run))          # finite, not NaN
+    model = run.trainer.model
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    if adapter == "qlora":
+        assert any("lora_" in n for n in trainable) and all("lora_" in n or "score" in n for n in trainable)
+        assert any("Linear4bit" in type(m).__name__ for m in model.modules())
+    else:
+        assert len(trainable) == len(list(model.parameters()))          # every weight trains
+    if "reward" in method:
+        assert any("score" in n for n in trainable)                      # the new head is trained
