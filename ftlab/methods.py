@@ -10,8 +10,8 @@ from typing import Callable
 from .errors import FtlabError
 
 # %% auto #0
-__all__ = ['METHODS', 'TRAIN_COLUMNS', 'SFT_PANELS', 'Panel', 'Method', 'register_method', 'get_method', 'steps_per_epoch',
-           'training_args', 'checkpointing_args', 'trackers', 'build_sft']
+__all__ = ['METHODS', 'TRAIN_COLUMNS', 'LOSS_PANEL', 'GRAD_NORM_PANEL', 'SFT_PANELS', 'Panel', 'Method', 'register_method',
+           'get_method', 'steps_per_epoch', 'training_args', 'checkpointing_args', 'trackers', 'build_sft']
 
 # %% ../nbs/09_methods.ipynb #133ea1a1
 @dataclass
@@ -108,10 +108,12 @@ def trackers(cfg) -> list[str]:
 TRAIN_COLUMNS = ["input_ids", "labels"]
 
 from .health import SFT_RULES
+LOSS_PANEL = Panel("loss", [("log", "loss", "train"), ("eval", "eval_loss", "eval")])
+GRAD_NORM_PANEL = Panel("grad norm", [("log", "grad_norm", "grad norm")])   # every method's panels have these two
 SFT_PANELS = [
-    Panel("loss", [("log", "loss", "train"), ("eval", "eval_loss", "eval")]),
+    LOSS_PANEL,
     Panel("learning rate", [("log", "learning_rate", "lr")]),
-    Panel("grad norm", [("log", "grad_norm", "grad norm")]),
+    GRAD_NORM_PANEL,
     Panel("tokens / s", [("log", "tokens_per_second", "tokens/s")]),
     Panel("token accuracy", [("log", "mean_token_accuracy", "train"), ("eval", "eval_mean_token_accuracy", "eval")]),
 ]

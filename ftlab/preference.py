@@ -5,12 +5,12 @@
 # %% ../nbs/21_preference.ipynb #8b86553c
 from __future__ import annotations
 import copy
-from .methods import Panel, register_method, training_args
+from .methods import Panel, register_method, training_args, LOSS_PANEL, GRAD_NORM_PANEL
 from .health import PREFERENCE_RULES
 
 # %% auto #0
-__all__ = ['PAIR_COLUMNS', 'KTO_COLUMNS', 'DPO_PANELS', 'KTO_PANELS', 'ORPO_PANELS', 'beta', 'preference_args', 'dpo_loss',
-           'build_dpo', 'build_kto', 'ids_as_trl_row', 'build_orpo', 'build_simpo']
+__all__ = ['PAIR_COLUMNS', 'KTO_COLUMNS', 'ACCURACY_PANEL', 'DPO_PANELS', 'KTO_PANELS', 'ORPO_PANELS', 'beta', 'preference_args',
+           'dpo_loss', 'preference_panels', 'build_dpo', 'build_kto', 'ids_as_trl_row', 'build_orpo', 'build_simpo']
 
 # %% ../nbs/21_preference.ipynb #9377de21
 PAIR_COLUMNS = ["prompt_ids", "chosen_ids", "rejected_ids"]
@@ -64,14 +64,15 @@ def _dpo_trainer_class():
         def _prepare_dataset(self, dataset, processing_class, args, dataset_name): return dataset
     return FtlabDPOTrainer
 
-DPO_PANELS = [
-    Panel("loss", [("log", "loss", "train"), ("eval", "eval_loss", "eval")]),
-    Panel("rewards", [("log", "rewards/chosen", "chosen"), ("log", "rewards/rejected", "rejected")]),
-    Panel("reward margin", [("log", "rewards/margins", "train"), ("eval", "eval_rewards/margins", "eval")]),
-    Panel("reward accuracy", [("log", "rewards/accuracies", "train"), ("eval", "eval_rewards/accuracies", "eval")]),
-    Panel("log-probs", [("log", "logps/chosen", "chosen"), ("log", "logps/rejected", "rejected")]),
-    Panel("grad norm", [("log", "grad_norm", "grad norm")]),
-]
+def preference_panels(extra: list, chosen: str = "chosen", rejected: str = "rejected") -> list:
+    "Loss, rewards of each side, their margin, the method's own panels, log-probs of each side, grad norm."
+    side = lambda title, key: Panel(title, [("log", f"{key}/chosen", chosen), ("log", f"{key}/rejected", rejected)])
+    return [LOSS_PANEL, side("rewards", "rewards"),
+            Panel("reward margin", [("log", "rewards/margins", "train"), ("eval", "eval_rewards/margins", "eval")]),
+            *extra, side("log-probs", "logps"), GRAD_NORM_PANEL]
+
+ACCURACY_PANEL = Panel("reward accuracy", [("log", "rewards/accuracies", "train"), ("eval", "eval_rewards/accuracies", "eval")])
+DPO_PANELS = preference_panels([ACCURACY_PANEL])
 
 def build_dpo(cfg, model, tokenizer, prepared, callbacks=()):
     from trl import DPOConfig
@@ -98,14 +99,7 @@ def _kto_trainer_class():
             return dataset.map(rotate, batched=True, batch_size=args.per_device_train_batch_size)
     return FtlabKTOTrainer
 
-KTO_PANELS = [
-    Panel("loss", [("log", "loss", "train"), ("eval", "eval_loss", "eval")]),
-    Panel("rewards", [("log", "rewards/chosen", "desirable"), ("log", "rewards/rejected", "undesirable")]),
-    Panel("reward margin", [("log", "rewards/margins", "train"), ("eval", "eval_rewards/margins", "eval")]),
-    Panel("KL", [("log", "kl", "train"), ("eval", "eval_kl", "eval")]),
-    Panel("log-probs", [("log", "logps/chosen", "desirable"), ("log", "logps/rejected", "undesirable")]),
-    Panel("grad norm", [("log", "grad_norm", "grad norm")]),
-]
+KTO_PANELS = preference_panels([Panel("KL", [("log", "kl", "train"), ("eval", "eval_kl", "eval")])], "desirable", "undesirable")
 
 @register_method("kto", "Kahneman–Tversky optimisation on completions labelled desirable or not", KTO_PANELS, PREFERENCE_RULES)
 def build_kto(cfg, model, tokenizer, prepared, callbacks=()):
@@ -134,10 +128,10 @@ def _pretokenized(trainer_cls):
         "__doc__": f"{trainer_cls.__name__} on rows ftlab has tokenized already.",
         "tokenize_row": lambda self, feature, model=None: ids_as_trl_row(feature)})
 
-ORPO_PANELS = DPO_PANELS[:4] + [
+ORPO_PANELS = preference_panels([
+    ACCURACY_PANEL,
     Panel("odds ratio", [("log", "log_odds_ratio", "log odds ratio"), ("log", "log_odds_chosen", "log odds chosen")]),
-    Panel("NLL of chosen", [("log", "nll_loss", "nll")]),
-]
+    Panel("NLL of chosen", [("log", "nll_loss", "nll")])])
 
 @register_method("orpo", "odds-ratio preference optimisation: SFT and preference in one stage, no reference model", ORPO_PANELS, PREFERENCE_RULES)
 def build_orpo(cfg, model, tokenizer, prepared, callbacks=()):

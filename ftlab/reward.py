@@ -4,7 +4,7 @@
 
 # %% ../nbs/22_reward.ipynb #8ea48635
 from __future__ import annotations
-from .methods import Panel, register_method, training_args
+from .methods import Panel, register_method, training_args, LOSS_PANEL, GRAD_NORM_PANEL
 from .health import REWARD_RULES, SFT_RULES
 from .preference import PAIR_COLUMNS, preference_args
 
@@ -14,11 +14,11 @@ __all__ = ['REWARD_PANELS', 'PRM_PANELS', 'whole_sequences', 'build_reward_model
 
 # %% ../nbs/22_reward.ipynb #6b97830c
 REWARD_PANELS = [
-    Panel("loss", [("log", "loss", "train"), ("eval", "eval_loss", "eval")]),
+    LOSS_PANEL,
     Panel("pair accuracy (chosen scored higher)", [("log", "accuracy", "train"), ("eval", "eval_accuracy", "eval")]),
     Panel("reward margin", [("log", "margin", "train"), ("eval", "eval_margin", "eval")]),
     Panel("rewards", [("log", "mean_reward", "mean"), ("log", "min_reward", "min"), ("log", "max_reward", "max")]),
-    Panel("grad norm", [("log", "grad_norm", "grad norm")]),
+    GRAD_NORM_PANEL,
 ]
 
 def whole_sequences(ds):
@@ -46,9 +46,9 @@ def build_reward_model(cfg, model, tokenizer, prepared, callbacks=()):
 
 # %% ../nbs/22_reward.ipynb #575c835d
 PRM_PANELS = [
-    Panel("loss", [("log", "loss", "train"), ("eval", "eval_loss", "eval")]),
+    LOSS_PANEL,
     Panel("step accuracy", [("eval", "eval_step_accuracy", "all steps"), ("eval", "eval_last_step_accuracy", "last step")]),
-    Panel("grad norm", [("log", "grad_norm", "grad norm")]),
+    GRAD_NORM_PANEL,
 ]
 
 def step_accuracy(eval_pred) -> dict:
