@@ -300,8 +300,8 @@ def _save(self, path) -> Path:
 
 def _merge(self, path) -> Path:
     "Merge the LoRA adapter into the base model and save a standalone model folder at `path`."
-    from transformers import AutoModelForCausalLM
-    from ftlab.model import torch_dtype
+    import transformers
+    from ftlab.model import torch_dtype, model_head
     from ftlab.tokenizer import load_tokenizer, model_path
     d = _weights_dir(self)
     tok = self.tokenizer or load_tokenizer(self.cfg)
@@ -309,8 +309,11 @@ def _merge(self, path) -> Path:
     if not (d / "adapter_config.json").exists():  # a full fine-tune is already standalone
         return _save(self, dst)
     from peft import PeftModel
-    base = AutoModelForCausalLM.from_pretrained(model_path(self.cfg.base_model), dtype=torch_dtype(self.cfg),
-                                                trust_remote_code=self.cfg.trust_remote_code)
+    # unquantized, with the method's head (a reward model keeps its scoring layer)
+    auto, num_labels, _ = model_head(self.cfg)
+    base = getattr(transformers, auto).from_pretrained(model_path(self.cfg.base_model), dtype=torch_dtype(self.cfg),
+                                                       trust_remote_code=self.cfg.trust_remote_code,
+                                                       **({"num_labels": num_labels} if num_labels else {}))
     if len(tok) > base.get_input_embeddings().weight.shape[0]: base.resize_token_embeddings(len(tok))
     merged = PeftModel.from_pretrained(base, str(d)).merge_and_unload()
     merged.save_pretrained(str(dst)); tok.save_pretrained(str(dst))

@@ -296,3 +296,26 @@ def test_methods_with_qlora_and_full_fine_tuning(tmp_path, method, data, type_, 
         assert len(trainable) == len(list(model.parameters()))          # every weight trains
     if "reward" in method:
         assert any("score" in n for n in trainable)                      # the new head is trained
+
+
+def test_reward_model_scores_survive_merge(tmp_path):
+    import torch
+    from transformers import AutoModelForSequenceClassification
+    text = cfg_text(tmp_path, "reward_model: true", "max_steps: 3\n", "ftlab:data/preference.jsonl",
+                    "bradley_terry.chat_template").replace("learning_rate: 0.001", "learning_rate: 0.005")
+    Run(load_config(text)).train()
+    run = Run.load(tmp_path / "out")
+    answers = ["4 plus 4 is 8.", "I am not sure."]
+    scores = run.score("What is 4 plus 4?", answers)
+    assert len(scores) == 2 and scores[0] != scores[1]
+    merged = AutoModelForSequenceClassification.from_pretrained(run.merge(tmp_path / "merged"))
+    tok = run.tokenizer
+    for answer, s in zip(answers, scores):
+        ids = tok.apply_chat_template([{"role": "user", "content": "What is 4 plus 4?"}, {"role": "assistant", "content": answer}],
+                                      tokenize=True, return_dict=True)["input_ids"]
+        with torch.no_grad():
+            assert merged(input_ids=torch.tensor([ids])).logits[0, 0].item() == pytest.approx(s, abs=1e-4)
+    from ftlab.errors import FtlabError
+    with pytest.raises(FtlabError) as e:
+        Run(load_config(cfg_text(tmp_path, "rl: dpo"))).score("q", ["a"])
+    assert "needs a reward model" in str(e.value) and "run.chat" in str(e.value)
