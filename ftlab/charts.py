@@ -7,7 +7,7 @@ from __future__ import annotations
 import html, json, math
 
 # %% auto #0
-__all__ = ['PALETTE', 'figure', 'sparkline_svg', 'fallback_html', 'Chart']
+__all__ = ['PALETTE', 'expand', 'figure', 'sparkline_svg', 'fallback_html', 'Chart']
 
 # %% ../nbs/16_charts.ipynb #392ac8cd
 PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b"]
@@ -17,11 +17,22 @@ def _series(records, event, key):
            and isinstance(r[key], (int, float)) and r.get("step") is not None]
     return [p[0] for p in pts], [p[1] if math.isfinite(p[1]) else None for p in pts]
 
+def expand(records, series) -> list[tuple[str, str, str]]:
+    "A panel's series with `*` keys (e.g. `rewards/*/mean`) expanded to every matching key the records have."
+    out = []
+    for ev, key, label in series:
+        if "*" not in key: out.append((ev, key, label)); continue
+        head, tail = key.split("*", 1)
+        keys = sorted({k for r in records if r.get("event") == ev for k in r
+                       if k.startswith(head) and k.endswith(tail) and len(k) > len(head) + len(tail)})
+        out += [(ev, k, label.replace("*", k[len(head):len(k) - len(tail)])) for k in keys]
+    return out
+
 def figure(records: list[dict], panels, title: str | None = None, cols: int = 2) -> dict:
     "A plotly figure dict: one subplot per panel that has data, in a grid of `cols` columns."
     shown = []
     for p in panels:
-        series = [(ev, key, label, *_series(records, ev, key)) for ev, key, label in p.series]
+        series = [(ev, key, label, *_series(records, ev, key)) for ev, key, label in expand(records, p.series)]
         series = [s for s in series if s[3]]
         if series: shown.append((p, series))
     n = max(len(shown), 1); cols = min(cols, n); rows = math.ceil(n / cols)
@@ -59,7 +70,9 @@ def sparkline_svg(xs, ys, width: int = 220, height: int = 50, color: str = PALET
 def fallback_html(records: list[dict], panels) -> str:
     cells = []
     for p in panels:
-        ev, key, label = p.series[0]
+        series = expand(records, p.series)
+        if not series: continue
+        ev, key, label = series[0]
         xs, ys = _series(records, ev, key)
         svg = sparkline_svg(xs, ys)
         if svg:

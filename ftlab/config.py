@@ -21,15 +21,16 @@ from .errors import ConfigError, Problem
 # %% auto #0
 __all__ = ['RL_METHODS', 'SUPPORTED_METHODS', 'PACKING_FORBIDDEN', 'GENERATION_METHODS', 'METHOD_DATA', 'DATA_KIND_NAMES',
            'DATASET_TYPES', 'WIRED_TRACKERS', 'OPTIMIZERS', 'LR_SCHEDULERS', 'AXOLOTL_OPTIMIZERS', 'AXOLOTL_SCHEDULERS',
-           'AXOLOTL_ADAPTERS', 'AXOLOTL_PAIR_FORMATS', 'AXOLOTL_DATASET_TYPES', 'IGNORED_KEYS', 'IGNORED_PREFIXES',
-           'UNSUPPORTED_KEYS', 'UNSUPPORTED_PREFIXES', 'NEUTRAL_VALUES', 'COVERED_PLUGINS', 'DATASET_IGNORED_KEYS',
-           'DATASET_UNSUPPORTED_KEYS', 'BoolOrAuto', 'Number', 'PositiveNumber', 'TargetModules', 'TrainOnEos',
-           'AdapterName', 'OptimizerName', 'SchedulerName', 'MethodName', 'Choice', 'SpecialTokens', 'DatasetConfig',
-           'TRLConfig', 'EBFTConfig', 'VLLMConfig', 'Config', 'check_supported', 'load_config']
+           'AXOLOTL_ADAPTERS', 'TRL_MISSING_KEYS', 'AXOLOTL_PAIR_FORMATS', 'AXOLOTL_DATASET_TYPES', 'IGNORED_KEYS',
+           'IGNORED_PREFIXES', 'UNSUPPORTED_KEYS', 'UNSUPPORTED_PREFIXES', 'NEUTRAL_VALUES', 'COVERED_PLUGINS',
+           'DATASET_IGNORED_KEYS', 'DATASET_UNSUPPORTED_KEYS', 'BoolOrAuto', 'Number', 'PositiveNumber',
+           'TargetModules', 'TrainOnEos', 'AdapterName', 'OptimizerName', 'SchedulerName', 'MethodName', 'Choice',
+           'SpecialTokens', 'DatasetConfig', 'TRLConfig', 'EBFTConfig', 'VLLMConfig', 'Config', 'check_supported',
+           'load_config']
 
 # %% ../nbs/01_config.ipynb #4e535773
 RL_METHODS = {"dpo", "ipo", "kto", "orpo", "simpo", "grpo", "gdpo", "ebft"}   # every `rl:` value axolotl takes
-SUPPORTED_METHODS = {"sft", "dpo", "ipo", "kto", "orpo", "simpo", "reward_model", "process_reward_model"}   # what ftlab trains
+SUPPORTED_METHODS = {"sft", "dpo", "ipo", "kto", "orpo", "simpo", "reward_model", "process_reward_model", "grpo", "gdpo"}
 PACKING_FORBIDDEN = set(RL_METHODS) | {"reward_model", "process_reward_model"}   # these score whole sequences
 GENERATION_METHODS = {"grpo", "gdpo", "ebft"}      # methods that sample completions and read `trl:` / `vllm:`
 # The kind of example each method trains on; dataset strategies are registered per kind (`ftlab.strategies`).
@@ -41,6 +42,7 @@ DATA_KIND_NAMES = {"sft": "conversations or prompt/response text", "pairs": "pre
                    "stepwise": "step-by-step solutions with a label per step", "prompts": "prompts"}
 from .strategies import TYPE_NAMES, STRATEGY_KINDS   # plain stdlib modules: no heavy imports
 from .preference_data import FIELD_MAPPING_KEYS      # importing it registers the pair, unpaired and stepwise formats
+import ftlab.prompt_data                                  # ... and this the prompt formats of online RL
 DATASET_TYPES = TYPE_NAMES                      # every registered dataset `type` (a live view: new ones count at once)
 WIRED_TRACKERS = {"wandb", "tensorboard", "mlflow"}   # trackers the engine can report to (opt-in per config)
 
@@ -63,6 +65,18 @@ AXOLOTL_OPTIMIZERS = {"optimi_adamw", "ao_adamw_4bit", "ao_adamw_8bit", "ao_adam
                       "came_pytorch", "muon", "dion"}
 AXOLOTL_SCHEDULERS = {"one_cycle", "rex", "log_sweep"}
 AXOLOTL_ADAPTERS = {"llama-adapter"}
+# `trl:` keys of axolotl's own GRPO pipeline that TRL 1.16's GRPOTrainer (what ftlab runs) does not have
+TRL_MISSING_KEYS = {
+    **{k: "remove it: the asynchronous generation pipeline is axolotl's, not part of TRL's GRPOTrainer"
+       for k in ("use_data_producer", "async_prefetch", "prefetch_depth", "streaming_partial_batch",
+                 "streaming_min_groups", "skip_zero_advantage_batches")},
+    **{k: "remove it: the replay buffer and re-rolls are axolotl's, not part of TRL's GRPOTrainer"
+       for k in ("replay_buffer_size", "replay_recompute_logps", "reroll_start_fraction", "reroll_max_groups")},
+    "reward_num_workers": "remove it: TRL calls reward functions in the training process (make slow ones `async def`)",
+    "use_liger_loss": "remove it: TRL 1.16's GRPOTrainer has no fused Liger loss; `use_liger_kernel: true` applies Liger's layer kernels",
+    "vllm_lora_sync": "remove it: TRL syncs weights to vLLM itself after each optimizer step",
+    "vllm_sync_interval": "remove it: TRL syncs weights to vLLM itself after each optimizer step",
+}
 # axolotl's per-template preference formats (`chatml.intel`, `llama3.argilla`, ...): ftlab reads pairs with one
 # `chat_template` strategy and a `chat_template:` name instead
 AXOLOTL_PAIR_FORMATS = {"chatml", "llama3", "zephyr", "user_defined", "chat_template"}
@@ -1292,12 +1306,22 @@ def _cross_checks(cfg: Config, require_datasets: bool, where: _Where | None = No
                 "give one weight per reward function, in the same order", ("trl", "reward_funcs"))
         if t.vllm_mode and not t.use_vllm:
             note(("trl", "vllm_mode"), "`trl.vllm_mode` has no effect without `trl.use_vllm: true`")
-        if m in GENERATION_METHODS and t.num_generations and cfg.effective_batch_size % t.num_generations:
-            nb = cfg.effective_batch_size
-            err(("trl", "num_generations"), f"the batch of {nb} completions (micro_batch_size x gradient_accumulation_steps) "
-                f"cannot be split into groups of num_generations={t.num_generations}",
-                f"make micro_batch_size x gradient_accumulation_steps a multiple of {t.num_generations}, e.g. `micro_batch_size: {t.num_generations}`",
+        ng = t.num_generations or 8   # TRL's default
+        gen = t.generation_batch_size or cfg.micro_batch_size * (t.steps_per_generation or cfg.gradient_accumulation_steps)
+        if m in GENERATION_METHODS and gen % ng:
+            what = ("generation_batch_size" if t.generation_batch_size else
+                    "micro_batch_size x " + ("steps_per_generation" if t.steps_per_generation else "gradient_accumulation_steps"))
+            default = "" if t.num_generations else " (TRL's default, as `trl.num_generations` is not set)"
+            err(("trl", "num_generations") if t.num_generations else ("micro_batch_size",),
+                f"each generation step samples {gen} completions ({what}), which cannot be split into groups of "
+                f"num_generations={ng}{default}: GRPO compares the completions of one prompt with each other",
+                f"make {what} a multiple of {ng}, e.g. `micro_batch_size: {ng}`, or set `trl.num_generations` to a divisor of {gen}",
                 ("micro_batch_size",), ("gradient_accumulation_steps",))
+        evb = cfg.eval_batch_size or cfg.micro_batch_size
+        if m in GENERATION_METHODS and ((cfg.val_set_size or 0) > 0 or cfg.test_datasets) and evb % ng:
+            err(("eval_batch_size",) if cfg.eval_batch_size else ("micro_batch_size",),
+                f"evaluation batches of {evb} prompts' completions cannot be split into groups of num_generations={ng}",
+                f"set `eval_batch_size: {ng}` (or a multiple of it)")
     if m in ("grpo", "gdpo") and not (cfg.trl and cfg.trl.reward_funcs):
         err(("trl", "reward_funcs"), f"`rl: {m}` needs reward functions in `trl.reward_funcs`",
             "add under `trl:` e.g. `reward_funcs: [rewards.accuracy]` or `reward_funcs: [\"@my_reward\"]`")
@@ -1428,6 +1452,11 @@ def _support_problems(cfg: Config, where: _Where) -> list[tuple]:
                 out.append((path + (k,), f"plugins ({', '.join(map(str, v))}) are not supported yet in this version of ftlab", sec.unsupported_fix(k)))
                 continue
             out.append((path + (k,), f"`{k}` is not supported yet in this version of ftlab", sec.unsupported_fix(k)))
+    if cfg.trl is not None:
+        for k in sorted(set(cfg.trl.model_fields_set) & set(TRL_MISSING_KEYS)):
+            if _active(k, getattr(cfg.trl, k)):
+                out.append((("trl", k), f"`trl.{k}` is not supported: TRL 1.16's GRPOTrainer, which ftlab runs, has no such option",
+                            TRL_MISSING_KEYS[k]))
     if cfg.adapter in AXOLOTL_ADAPTERS:
         out.append((("adapter",), f"`adapter: {cfg.adapter}` is not supported yet in this version of ftlab", "use `adapter: lora` or `adapter: qlora`"))
     if cfg.optimizer in AXOLOTL_OPTIMIZERS:

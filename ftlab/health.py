@@ -9,9 +9,10 @@ from dataclasses import dataclass
 from typing import Callable
 
 # %% auto #0
-__all__ = ['SFT_RULES', 'PREFERENCE_RULES', 'REWARD_RULES', 'Rule', 'nonfinite_loss', 'grad_spike', 'grad_zero', 'loss_flat',
-           'overfitting', 'HealthMonitor', 'margins_negative', 'accuracy_low', 'both_rewards_falling',
-           'rejected_logps_rising', 'pair_accuracy_low']
+__all__ = ['SFT_RULES', 'PREFERENCE_RULES', 'REWARD_RULES', 'GRPO_RULES', 'Rule', 'nonfinite_loss', 'grad_spike', 'grad_zero',
+           'loss_flat', 'overfitting', 'HealthMonitor', 'margins_negative', 'accuracy_low', 'both_rewards_falling',
+           'rejected_logps_rising', 'pair_accuracy_low', 'rewards_stuck_at_zero', 'no_learning_signal',
+           'entropy_collapse', 'completions_truncated', 'kl_runaway']
 
 # %% ../nbs/14_health.ipynb #f5b12351
 @dataclass
@@ -145,4 +146,45 @@ PREFERENCE_RULES = _GRAD_RULES + [
 ]
 REWARD_RULES = _GRAD_RULES + [
     Rule("pair_accuracy_low", pair_accuracy_low, "check the pairs differ in what the model can see (not only in truncated text: raise `sequence_len`), train longer or raise the learning rate"),
+]
+
+# %% ../nbs/14_health.ipynb #fa692ab0
+def rewards_stuck_at_zero(logs, evals, n: int = 20):
+    r = [v for _, v in _vals(logs, "reward")]
+    if len(r) >= n and all(v == 0 for v in r[-n:]):
+        return f"the reward has been 0 for the last {n} logs: no completion earns anything"
+    return None
+
+def no_learning_signal(logs, evals, n: int = 10, share: float = 0.8):
+    z = [v for _, v in _vals(logs, "frac_reward_zero_std")]
+    if len(z) >= n and _mean(z[-n:]) >= share:
+        return (f"{100 * _mean(z[-n:]):.0f}% of prompt groups had the same reward for every completion over the last {n} "
+                "logs: GRPO learns only from differences within a group")
+    return None
+
+def entropy_collapse(logs, evals, n: int = 5, ratio: float = 0.1):
+    "Entropy down to a tenth of where it started (relative: a small model can be confident from the first step)."
+    w = _window(logs, "entropy", n=n, min_logs=2 * n)
+    if w and _mean(w[1]) < ratio * _mean(w[0]):
+        return f"entropy fell from {_mean(w[0]):.3f} to {_mean(w[1]):.3f}: the model has stopped exploring"
+    return None
+
+def completions_truncated(logs, evals, n: int = 5, share: float = 0.5):
+    c = [v for _, v in _vals(logs, "completions/clipped_ratio")]
+    if len(c) >= n and _mean(c[-n:]) >= share:
+        return f"{100 * _mean(c[-n:]):.0f}% of completions hit max_completion_length over the last {n} logs"
+    return None
+
+def kl_runaway(logs, evals, n: int = 5, limit: float = 1.0):
+    k = [v for _, v in _vals(logs, "kl") if math.isfinite(v)]
+    if len(k) >= 2 * n and _mean(k[-n:]) > limit and _mean(k[-n:]) > 4 * max(_mean(k[:n]), 1e-3):
+        return f"the KL to the reference rose from {_mean(k[:n]):.3f} to {_mean(k[-n:]):.3f}"
+    return None
+
+GRPO_RULES = _GRAD_RULES + [
+    Rule("rewards_stuck_at_zero", rewards_stuck_at_zero, "call your reward function on a few real completions (`run.completions()` shows them) and check it can return more than 0; reward partial credit (e.g. the format) as well"),
+    Rule("no_learning_signal", no_learning_signal, "raise `temperature` or `num_generations` so completions differ, or give the reward function graded scores instead of all-or-nothing"),
+    Rule("entropy_collapse", entropy_collapse, "lower the learning rate, raise `temperature`, or raise `trl.beta` to keep the model near the reference"),
+    Rule("completions_truncated", completions_truncated, "raise `trl.max_completion_length`, reward shorter answers, or set `mask_truncated_completions: true`"),
+    Rule("kl_runaway", kl_runaway, "lower the learning rate or raise `trl.beta`; check the rewards are not being gamed (`run.completions()`)"),
 ]

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field, asdict
 from .strategies import IGNORE, special_ids
 
 # %% auto #0
-__all__ = ['ANSI', 'sequences', 'trains', 'MaskReport', 'token_view', 'visible', 'render_ansi']
+__all__ = ['ANSI', 'sequences', 'is_prompt_row', 'trains', 'MaskReport', 'token_view', 'visible', 'render_ansi']
 
 # %% ../nbs/06_masks.ipynb #74828e0e
 def sequences(ex: dict) -> list[tuple[str, list[int], list[int]]]:
@@ -19,11 +19,17 @@ def sequences(ex: dict) -> list[tuple[str, list[int], list[int]]]:
     if "completion_ids" in ex:
         p, c = list(ex["prompt_ids"]), list(ex["completion_ids"])
         return [("desirable" if ex["label"] else "undesirable", p + c, [IGNORE] * len(p) + c)]
+    if is_prompt_row(ex): return [("prompt", list(ex["prompt_ids"]), [IGNORE] * len(ex["prompt_ids"]))]
     return [("", list(ex["input_ids"]), list(ex["labels"]))]
 
+def is_prompt_row(ex: dict) -> bool:
+    "A prompt for online RL: the completions are generated during training, so nothing in the row is trained yet."
+    return "prompt_ids" in ex and not any(k in ex for k in ("chosen_ids", "completion_ids", "input_ids"))
+
 def trains(ex: dict) -> bool:
-    "Whether an example can be trained: its prompt fits and each of its sequences trains a token."
-    return not ex.get("prompt_too_long") and all(any(l != IGNORE for l in labels) for _, _, labels in sequences(ex))
+    "Whether an example can be trained: its prompt fits and each of its sequences trains a token (a prompt row: it fits)."
+    if ex.get("prompt_too_long"): return False
+    return is_prompt_row(ex) or all(any(l != IGNORE for l in labels) for _, _, labels in sequences(ex))
 
 @dataclass
 class MaskReport:
@@ -36,6 +42,7 @@ class MaskReport:
     truncated: list[str] = field(default_factory=list)
     kept_tokens: int = 0
     prompt_too_long: list[str] = field(default_factory=list)
+    prompt_rows: int = 0      # rows of online RL: prompts only, their completions are generated during training
 
     def add(self, ex: dict, name: str):
         "Account for one tokenized example (for a pair: both of its sequences)."
@@ -43,9 +50,10 @@ class MaskReport:
         counts = [sum(1 for l in labels if l != IGNORE) for _, _, labels in seqs]
         n_tokens = sum(len(ids) for _, ids, _ in seqs)
         self.rows += 1; self.tokens += n_tokens; self.trained_tokens += sum(counts)
+        self.prompt_rows += is_prompt_row(ex)
         if ex.get("prompt_too_long"):
             self.prompt_too_long.append(name); return
-        if min(counts) == 0:  # dropped; a response cut away entirely by sequence_len is reported here, once
+        if min(counts) == 0 and not is_prompt_row(ex):  # dropped; a response cut away by sequence_len is reported here
             self.no_trained.append(name); return
         self.kept_tokens += n_tokens
         if ex.get("eot_trained") is False: self.eot_untrained.append(name)
@@ -82,6 +90,8 @@ class MaskReport:
         pct = 100 * self.trained_tokens / max(self.kept_tokens, 1)
         dropped = f" ({len(self.no_trained)} dropped: no trained token)" if self.no_trained else ""
         if self.prompt_too_long: dropped += f" ({len(self.prompt_too_long)} dropped: prompt too long)"
+        if self.prompt_rows == self.rows:
+            return f"{kept} prompts{dropped}, {self.kept_tokens} prompt tokens (completions are generated during training)"
         return f"{kept} rows{dropped}, {self.kept_tokens} tokens, {self.trained_tokens} trained ({pct:.1f}%)"
 
 # %% ../nbs/06_masks.ipynb #012f2b7c

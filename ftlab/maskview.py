@@ -8,7 +8,7 @@ import html, re
 from dataclasses import dataclass, field
 from .errors import FtlabError
 from .strategies import IGNORE
-from .masks import token_view, visible, ANSI
+from .masks import token_view, visible, ANSI, is_prompt_row
 
 # %% auto #0
 __all__ = ['STYLE', 'BADGES', 'STEP', 'STEP_MARK', 'TRAINED', 'KINDS', 'SIDES', 'SIDE_COLOUR', 'row_kind', 'n_trained',
@@ -35,13 +35,14 @@ BADGES = {  # badge → (colour, what it means)
 STEP = {1: "correct", 0: "incorrect"}    # a stepwise label → the kind of the token that carries it
 STEP_MARK = {"correct": ("✓", "#2e7d32"), "incorrect": ("✗", "#b3261e")}  # shown after a labelled step end
 TRAINED = ("trained", "correct", "incorrect")
-KINDS = ("sft", "pairs", "unpaired", "stepwise")
+KINDS = ("sft", "pairs", "unpaired", "stepwise", "prompts")
 SIDES = {"pairs": ("chosen", "rejected"), "unpaired": ("completion",)}
 
 def row_kind(ex: dict) -> str:
     "The kind of a prepared row: `pairs`, `unpaired` (KTO), `stepwise` (a class per step) or `sft`."
     if "chosen_ids" in ex or "rejected_ids" in ex: return "pairs"
     if "completion_ids" in ex: return "unpaired"
+    if is_prompt_row(ex): return "prompts"
     ids, labels = ex.get("input_ids"), ex.get("labels")
     if ids is None or labels is None: return "sft"
     marked = [(int(i), int(l)) for i, l in zip(ids, labels) if l != IGNORE]
@@ -79,7 +80,7 @@ class MaskSample:
         "What is wrong with this sample, as keys of `BADGES`."
         out = []
         if self.prompt_too_long: out.append("prompt too long")
-        elif self.n_trained == 0 or any(n_trained(ts) == 0 for ts in self.sides.values()): out.append("no trained tokens")
+        elif self.kind != "prompts" and self.n_trained == 0 or any(n_trained(ts) == 0 for ts in self.sides.values()): out.append("no trained tokens")
         if self.eot_trained is False: out.append("end of turn not trained")
         if self.truncated and not self.prompt_too_long: out.append("truncated")
         return out
@@ -104,6 +105,9 @@ def sample_from(ex: dict, tokenizer, name: str = "sample", kind: str | None = No
         sides = {s: token_view(list(ex[f"{s}_ids"]), list(ex[f"{s}_ids"]), tokenizer) for s in SIDES[kind]}
         return MaskSample(token_view(p, [IGNORE] * len(p), tokenizer), sides=sides,
                           label=bool(ex["label"]) if kind == "unpaired" else None, **meta)
+    if kind == "prompts":   # online RL: the completions come from the model during training
+        p = list(ex["prompt_ids"])
+        return MaskSample(token_view(p, [IGNORE] * len(p), tokenizer), **meta)
     if "input_ids" not in ex or "labels" not in ex:
         raise FtlabError(f"{name} has no `input_ids`/`labels` (it has {_fields(ex)})",
                          fix="show tokenized rows: `Run(cfg).prepare().train` or the output of `prepare_datasets`")
@@ -189,6 +193,7 @@ def _head_note(s: MaskSample) -> str:
     if s.kind == "stepwise": return f"{steps_note(s.steps)} · {s.n_tokens} tokens"
     if s.kind == "pairs": return "pair · prompt " + ", ".join([f"{len(s.tokens)} tokens"] + [f"{k} {len(v)}" for k, v in s.sides.items()])
     if s.kind == "unpaired": return f"prompt {len(s.tokens)} tokens, completion {len(s.sides['completion'])}"
+    if s.kind == "prompts": return f"prompt {len(s.tokens)} tokens · completions are generated during training"
     return _trained_note(s.n_trained, s.n_tokens)
 
 def sample_head(s: MaskSample) -> str:
@@ -244,7 +249,7 @@ def _warning_text(w) -> str:
 
 def _legend_html(kinds=("sft",)) -> str:
     item = lambda k, label: f'<span class="ftlab-legend-{k}" style="{STYLE[k]};padding:0 4px">{label}</span>'
-    shown = ([("trained", "trained")] if set(kinds) - {"stepwise"} else []) + (
+    shown = ([("trained", "trained")] if set(kinds) - {"stepwise", "prompts"} else []) + (
              [("correct", "correct step"), ("incorrect", "incorrect step")] if "stepwise" in kinds else [])
     shown += [("masked", "not trained"), ("special", "special")]
     return (f'<div class="ftlab-legend" style="font-size:12px;margin:4px 0">{" ".join(item(*x) for x in shown)} '
@@ -257,10 +262,10 @@ _MARK = {k: m for k, (m, _) in STEP_MARK.items()}
 def _legend_text(kinds, color: bool) -> str:
     step = "stepwise" in kinds
     if not color:
-        return ", ".join((["[trained] not trained"] if set(kinds) - {"stepwise"} or not kinds else [])
+        return ", ".join((["[trained] not trained"] if set(kinds) - {"stepwise", "prompts"} or not kinds else ["not trained"] if "prompts" in kinds else [])
                          + (["[step end]✓ correct", "[step end]✗ incorrect"] if step else []))
     c = lambda k, label: f"{_ANSI[k]}{label}\x1b[0m"
-    shown = ([c("trained", "trained")] if set(kinds) - {"stepwise"} or not kinds else []) + (
+    shown = ([c("trained", "trained")] if set(kinds) - {"stepwise", "prompts"} or not kinds else []) + (
              [c("correct", "correct step"), c("incorrect", "incorrect step")] if step else [])
     return " ".join(shown + [c("masked", "not trained"), c("special", "special")])
 
@@ -289,6 +294,8 @@ def kind_summary(kind: str, samples: list[MaskSample]) -> str:
                 f"prompt {_avg([len(s.tokens) for s in samples])} tokens avg, "
                 f"completion {_avg([len(s.sides['completion']) for s in samples])}")
     tokens = sum(s.n_tokens for s in samples)
+    if kind == "prompts":
+        return f"{_n(n, 'prompt')} shown · {_avg([len(s.tokens) for s in samples])} tokens avg · completions are generated and scored during training"
     if kind == "stepwise":
         return f"{_n(n, 'sample')} shown · {steps_note([l for s in samples for l in s.steps])} · {tokens} tokens"
     k = sum(s.n_trained for s in samples)

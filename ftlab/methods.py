@@ -29,19 +29,22 @@ class Method:
     description: str = ""
     panels: list[Panel] = field(default_factory=list)
     rules: list = field(default_factory=list)   # ftlab.health.Rule
+    # (cfg, prepared, tokenizer, namespace) -> dict, run before the model loads; its result goes to `build` as
+    # keyword arguments (GRPO resolves and checks its reward functions here, so a broken one costs no model load)
+    preflight: Callable | None = None
 
 METHODS: dict[str, Method] = {}
 
-def register_method(name: str, description: str = "", panels=(), rules=()):
-    "Register `build(cfg, model, tokenizer, prepared, callbacks)` as the trainer builder for `name`."
+def register_method(name: str, description: str = "", panels=(), rules=(), preflight=None):
+    "Register `build(cfg, model, tokenizer, prepared, callbacks, **preflight_result)` as the trainer builder for `name`."
     def deco(fn):
-        METHODS[name] = Method(name, fn, description, list(panels), list(rules))
+        METHODS[name] = Method(name, fn, description, list(panels), list(rules), preflight)
         return fn
     return deco
 
 def get_method(cfg) -> Method:
     "The registry entry for the config's method; the built-in preference and reward methods register on first use."
-    import ftlab.preference, ftlab.reward  # noqa: F401  (importing them registers their methods)
+    import ftlab.preference, ftlab.reward, ftlab.grpo  # noqa: F401  (importing them registers their methods)
     name = cfg.method
     if name not in METHODS:
         raise FtlabError(f"`{name}` is not supported yet in this version of ftlab", key="rl",

@@ -12,6 +12,7 @@ from .strategies import STRATEGIES, StrategyContext, infer_type, custom_transfor
 from .sources import load_source, source_fingerprint
 from .masks import MaskReport, trains
 from .preference_data import strategies_for, infer_pref_type
+from .prompt_data import infer_prompt_type
 
 # %% auto #0
 __all__ = ['META', 'CACHE_FORMAT', 'data_kind', 'tokenize_dataset', 'tokenizer_fingerprint', 'load_sources', 'cache_key',
@@ -40,7 +41,8 @@ def data_kind(cfg) -> str:
     return METHOD_DATA.get(cfg.method, "sft")
 
 def _infer(kind: str, columns) -> str | None:
-    return infer_type(columns) if kind == "sft" else infer_pref_type(kind, columns)
+    if kind == "sft": return infer_type(columns)
+    return infer_prompt_type(columns) if kind == "prompts" else infer_pref_type(kind, columns)
 
 def _apply_transform(raw, map_fn, kw, tokenizer, source):
     remove = kw.get("remove_columns")
@@ -70,7 +72,8 @@ def tokenize_dataset(ds_cfg, cfg, tokenizer, namespace=None, report: MaskReport 
         if name is None:
             want = ("`messages`, `segments`, `text`, `instruction`/`output`, or `input_ids`/`labels`" if kind == "sft" else
                     {"pairs": "`prompt`, `chosen` and `rejected`", "unpaired": "`prompt`, `completion` and `label`",
-                     "stepwise": "`prompt`, `completions` and `labels`"}.get(kind, "the method's columns"))
+                     "stepwise": "`prompt`, `completions` and `labels`",
+                     "prompts": "a `prompt` column (text or messages) and the columns your reward functions read"}.get(kind, "the method's columns"))
             raise DataError(f"the transform's rows have columns {', '.join(cols)}, which no strategy reads", source=source,
                             fix=f"return {want}")
         strategy = strategies_for(kind)[name]
@@ -107,7 +110,7 @@ def load_sources(cfg, namespace=None) -> dict:
             for i, d in enumerate(getattr(cfg, g) or [])}
 
 # Bumped whenever what is stored changes shape (columns, report fields), so old caches are not read back.
-CACHE_FORMAT = 3
+CACHE_FORMAT = 4
 
 def cache_key(cfg, tokenizer, namespace=None, raws: dict | None = None) -> str:
     "Hash of everything the prepared data depends on."

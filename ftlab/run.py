@@ -127,6 +127,8 @@ def _train(self, max_steps: int | None = None, resume=None, callbacks=()):
     (self.output_dir / "config.yaml").write_text(cfg.to_yaml())
     prepared = self.prepare()
     for w in prepared.warnings(): self.warn(w)
+    # checks that need the data but not the model (GRPO's reward functions, a vLLM server) run before it loads
+    extra = method.preflight(cfg, prepared, self.tokenizer, self.namespace) if method.preflight else {}
     transformers.set_seed(cfg.seed)
     model = load_model(cfg, self.tokenizer)
     if cfg.lora_model_dir: model = load_adapter(model, cfg)
@@ -134,7 +136,7 @@ def _train(self, max_steps: int | None = None, resume=None, callbacks=()):
     self.health = HealthMonitor(method.rules)
     events, stop = event_callback(self.emit), stop_callback()
     self._gen = None  # a model loaded earlier for chat() is not the one about to be trained
-    self.trainer = trainer = method.build(cfg, model, self.tokenizer, prepared, [events, *callbacks, stop])
+    self.trainer = trainer = method.build(cfg, model, self.tokenizer, prepared, [events, *callbacks, stop], **extra)
     from ftlab.model import apply_kernels, attention_note
     for note in (attention_note(cfg), apply_kernels(cfg, trainer.model)):
         if note: self.emit({"event": "note", "step": 0, "message": note})
@@ -283,6 +285,14 @@ def _score(self, prompt, responses):
     return score(self, prompt, responses)
 
 Run.score = _score
+
+def _completions(self, step: int | None = None, last: int = 5, per_prompt: int | None = None):
+    "Online RL: the stored completions of `step` (or of the `last` logged steps) beside their rewards and advantages."
+    from ftlab.grpo import read_completions
+    from ftlab.completions import completions_view
+    return completions_view(read_completions(self.output_dir), step, last, per_prompt)
+
+Run.completions = _completions
 
 # %% ../nbs/11_run.ipynb #713c6549
 def _save(self, path) -> Path:

@@ -1,7 +1,8 @@
 #!/usr/bin/env python
-"""Write the small preference datasets embedded in ftlab (for DPO/IPO/ORPO/SimPO, KTO, reward models and PRMs).
+"""Write the small datasets embedded in ftlab for preference tuning (DPO/IPO/ORPO/SimPO, KTO, reward models, PRMs)
+and online RL (GRPO).
 
-    python scripts/build_preference_data.py     # writes ftlab/assets/data/{preference,kto,stepwise}.jsonl
+    python scripts/build_preference_data.py     # writes ftlab/assets/data/{preference,kto,stepwise,counting}.jsonl
 
 Fixed seed, nothing downloaded, a second or two. The questions come from the same generators as `ftlab:tiny`'s
 pre-training corpus (`scripts/build_tiny.py`), so the model can read them:
@@ -15,6 +16,9 @@ pre-training corpus (`scripts/build_tiny.py`), so the model can read them:
   correct step. A quarter of the rows get the second sum wrong (it and the answer after it are labelled false), a
   quarter state an answer that does not repeat the worked result (only the answer is false). The second kind can
   be checked by comparing two numbers in the text, which even a very small model can learn.
+- `counting.jsonl` (GRPO prompts): "Count from 4 to 11." as a user message, with the expected `answer`
+  ("4, 5, 6, 7, 8, 9, 10, 11."). `ftlab:tiny` learned counting in pre-training but often stops early on spans of
+  six to nine numbers: about half its sampled answers are right, which gives GRPO differences to learn from.
 """
 from __future__ import annotations
 
@@ -85,11 +89,21 @@ def stepwise_rows(rng: random.Random, n: int) -> list[dict]:
     return rows
 
 
+def counting_rows(rng: random.Random, n: int) -> list[dict]:
+    rows = []
+    for _ in range(n):
+        a = rng.randint(1, 12)
+        b = a + rng.randint(5, 8)
+        rows.append({"prompt": [{"role": "user", "content": f"Count from {a} to {b}."}],
+                     "answer": ", ".join(str(i) for i in range(a, b + 1)) + "."})
+    return rows
+
+
 def main() -> None:
     rng = random.Random(SEED)
     out = ROOT / "ftlab" / "assets" / "data"
     for name, rows in (("preference", preference_rows(rng, 400)), ("kto", kto_rows(rng, 300)),
-                       ("stepwise", stepwise_rows(rng, 300))):
+                       ("stepwise", stepwise_rows(rng, 300)), ("counting", counting_rows(rng, 400))):
         path = out / f"{name}.jsonl"
         path.write_text("".join(json.dumps(r) + "\n" for r in rows))
         print(f"wrote {path.relative_to(ROOT)} ({len(rows)} rows)")

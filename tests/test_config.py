@@ -257,13 +257,13 @@ def test_dataset_without_type_is_a_note():
 
 
 def test_support_check_is_separate():
-    text = MINIMAL.replace("base_model: ftlab:tiny\n", "base_model: ftlab:tiny\nrl: grpo\ntrl: {reward_funcs: [rewards.accuracy]}\n")
+    text = MINIMAL.replace("base_model: ftlab:tiny\n", "base_model: ftlab:tiny\nrl: ebft\n")
     err = errors_of(text)
-    assert str(err) == ("line 2, key `rl`: `rl: grpo` is not supported yet in this version of ftlab (it runs: dpo, ipo, kto, "
-                        "orpo, process_reward_model, reward_model, sft, simpo)\n"
+    assert str(err) == ("line 2, key `rl`: `rl: ebft` is not supported yet in this version of ftlab (it runs: dpo, gdpo, "
+                        "grpo, ipo, kto, orpo, process_reward_model, reward_model, sft, simpo)\n"
                         "  fix: remove `rl:` to train with supervised fine-tuning, or run this config with axolotl for now")
     cfg = load_config(text, check_support=False)
-    assert cfg.method == "grpo"
+    assert cfg.method == "ebft"
     with pytest.raises(ConfigError) as ei: check_supported(cfg)
     assert ei.value.problems[0].line == 2
     check_supported(load_config(MINIMAL))   # nothing to report
@@ -283,7 +283,7 @@ def test_unsupported_names_and_plugins():
 
 def test_method_constants():
     assert RL_METHODS >= {"dpo", "ipo", "kto", "orpo", "simpo", "grpo", "ebft"}
-    assert SUPPORTED_METHODS == {"sft", "dpo", "ipo", "kto", "orpo", "simpo", "reward_model", "process_reward_model"}
+    assert SUPPORTED_METHODS == {"sft", "dpo", "ipo", "kto", "orpo", "simpo", "reward_model", "process_reward_model", "grpo", "gdpo"}
     assert PACKING_FORBIDDEN == RL_METHODS | {"reward_model", "process_reward_model"}
     assert DATASET_TYPES >= {"chat_template", "alpaca", "input_output", "completion", "chat_template.default",
                              "bradley_terry.chat_template", "stepwise_supervised", "passthrough"}

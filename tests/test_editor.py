@@ -197,11 +197,7 @@ def test_presets_fill_the_form_and_validate(name):
     e.preset.value = name
     assert e.values and e.level in ("ok", "unsupported"), e.problems
     assert load_config(e.yaml, check_support=False) == load_config(PRESETS[name], check_support=False)
-    if name.startswith("GRPO"):
-        assert e.level == "unsupported" and "not supported yet" in e.status.value
-        assert [p.key for p in e.problems] == ["rl"]
-    else:
-        assert e.level == "ok" and isinstance(e.config, Config)
+    assert e.level == "ok" and isinstance(e.config, Config)
     e.close()
 
 

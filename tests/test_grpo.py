@@ -1,0 +1,102 @@
+"""GRPO: reward functions from the notebook or import paths, checked before the model loads; a run on the tiny
+model; completions stored with the run; vLLM server waiting; the config's TRL keys."""
+import json, sys, textwrap
+import pytest
+from ftlab.config import load_config
+from ftlab.errors import ConfigError, FtlabError, RunError
+from ftlab.events import read_metrics
+from ftlab.run import Run
+
+
+def count_reward(completions, answer, **kw):
+    return [1.0 if c[0]["content"].strip() == a else 0.0 for c, a in zip(completions, answer)]
+
+
+def grpo_cfg(tmp_path, extra="", funcs='["@count_reward"]', data="ftlab:data/counting.jsonl"):
+    return (f"base_model: ftlab:tiny\nrl: grpo\nadapter: lora\nlora_r: 8\nlora_alpha: 16\nlora_target_linear: true\n"
+            f"output_dir: {tmp_path / 'out'}\nsequence_len: 128\nmicro_batch_size: 8\nlearning_rate: 0.002\n"
+            f"logging_steps: 1\nsave_steps: 1000\ndatasets:\n  - path: {data}\n    type: chat_template\n"
+            f"trl:\n  reward_funcs: {funcs}\n  num_generations: 4\n  max_completion_length: 24\n{extra}")
+
+
+def test_grpo_trains_and_stores_completions(tmp_path):
+    run = Run(load_config(grpo_cfg(tmp_path)), namespace={"count_reward": count_reward}).train(max_steps=3)
+    logs = [r for r in read_metrics(run.output_dir) if r["event"] == "log"]
+    assert run.state == "finished" and [r["step"] for r in logs] == [1, 2, 3]
+    assert all("rewards/count_reward/mean" in r and "frac_reward_zero_std" in r for r in logs)
+    rows = [json.loads(l) for l in (run.output_dir / "completions.jsonl").read_text().splitlines()]
+    assert {r["step"] for r in rows} == {1, 2, 3} and all(len([r for r in rows if r["step"] == s]) == 8 for s in (1, 2, 3))
+    r0 = rows[0]
+    assert r0["prompt"].startswith("Count from") and set(r0["rewards"]) == {"count_reward"} and r0["advantage"] is not None
+    again = Run.load(run.output_dir)
+    view = again.completions()
+    assert "count_reward" in view._repr_html_() and r0["completion"].replace("<", "&lt;")[:10] in view._repr_html_()
+    assert "step 3" in view.text() and "advantage" in view.text()
+
+
+def test_reward_function_problems_stop_before_the_model_loads(tmp_path, monkeypatch):
+    import ftlab.model
+    def no_load(*a, **k): raise AssertionError("the model was loaded")
+    monkeypatch.setattr(ftlab.model, "load_model", no_load)
+    def raises(completions, **kw): raise ValueError("bad parse")
+    def short(completions, **kw): return [1.0]
+    def needs_missing(completions, solution, **kw): return [0.0] * len(completions)
+    def needs_missing_key(completions, **kw): return [kw["solution"] for _ in completions]
+    def words(completions, **kw): return ["good"] * len(completions)
+    cases = {"raises": "raised ValueError: bad parse", "short": "returned 1 values for 2 completions",
+             "needs_missing": "cannot be called the way GRPO calls it", "needs_missing_key": "reads column 'solution'",
+             "words": "returned str 'good'"}
+    ns = {"raises": raises, "short": short, "needs_missing": needs_missing, "needs_missing_key": needs_missing_key, "words": words}
+    for name, expect in cases.items():
+        run = Run(load_config(grpo_cfg(tmp_path, funcs=f'["@{name}"]')), namespace=ns)
+        with pytest.raises(FtlabError) as e: run.train(max_steps=1)
+        assert expect in str(e.value) and f"`{name}" in str(e.value) and e.value.problems[0].fix, (name, str(e.value))
+    with pytest.raises(FtlabError) as e:
+        Run(load_config(grpo_cfg(tmp_path, funcs='["@nowhere"]')), namespace={}).train(max_steps=1)
+    assert "`@nowhere` is not defined in the notebook" in str(e.value)
+
+
+def test_reward_functions_from_an_import_path(tmp_path, monkeypatch):
+    (tmp_path / "my_rewards.py").write_text(textwrap.dedent("""
+        def length_penalty(completions, **kwargs):
+            return [-len(c[0]["content"]) / 100 for c in completions]
+    """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    run = Run(load_config(grpo_cfg(tmp_path, funcs="[my_rewards.length_penalty, '@count_reward']",
+                                   extra="  reward_weights: [0.5, 1.0]\n")), namespace={"count_reward": count_reward})
+    run.train(max_steps=2)
+    log = [r for r in read_metrics(run.output_dir) if r["event"] == "log"][-1]
+    assert "rewards/length_penalty/mean" in log and "rewards/count_reward/mean" in log
+
+
+def test_vllm_server_missing_is_named(tmp_path):
+    from ftlab.grpo import wait_for_vllm
+    cfg = load_config(grpo_cfg(tmp_path, extra="  use_vllm: true\n  vllm_mode: server\n  vllm_server_host: 127.0.0.1\n"
+                                               "  vllm_server_port: 9\n  vllm_server_timeout: 1\n"))
+    with pytest.raises(RunError) as e: wait_for_vllm(cfg, interval=0.2)
+    assert "http://127.0.0.1:9/health/" in str(e.value) and "ftlab vllm-serve" in str(e.value)
+
+
+def test_trl_keys_map_and_unsupported_ones_are_refused(tmp_path):
+    from ftlab.grpo import grpo_args
+    cfg = load_config(grpo_cfg(tmp_path, extra="  temperature: 0.7\n  top_p: 0.9\n  scale_rewards: true\n  beta: 0.04\n"
+                                               "  epsilon_high: 0.28\n  loss_type: dapo\n  vllm_guided_decoding_regex: '[0-9]+'\n"))
+    kw = grpo_args(cfg, 100, False)
+    assert (kw["temperature"], kw["top_p"], kw["scale_rewards"], kw["beta"], kw["epsilon_high"], kw["loss_type"]) == \
+           (0.7, 0.9, "group", 0.04, 0.28, "dapo")
+    assert kw["vllm_structured_outputs_regex"] == "[0-9]+" and kw["num_generations"] == 4 and kw["log_completions"] is False
+    from trl import GRPOConfig
+    GRPOConfig(**kw)   # TRL accepts every key ftlab passes
+    with pytest.raises(ConfigError) as e: load_config(grpo_cfg(tmp_path, extra="  replay_buffer_size: 64\n"))
+    assert e.value.problems[0].key == "trl.replay_buffer_size" and "TRL 1.16" in str(e.value)
+    with pytest.raises(ConfigError) as e: load_config(grpo_cfg(tmp_path).replace("micro_batch_size: 8", "micro_batch_size: 6"))
+    assert "cannot be split into groups of num_generations=4" in str(e.value)
+    assert grpo_args(load_config(grpo_cfg(tmp_path).replace("rl: grpo", "rl: gdpo")), 10, False)["multi_objective_aggregation"] == "normalize_then_sum"
+
+
+def test_charts_expand_reward_functions():
+    from ftlab.charts import figure
+    from ftlab.grpo import GRPO_PANELS
+    recs = [{"event": "log", "step": s, "reward": 0.1 * s, "rewards/acc/mean": 0.1 * s, "rewards/fmt/mean": 1.0} for s in (1, 2)]
+    names = {t["name"] for t in figure(recs, GRPO_PANELS)["data"]}
+    assert {"reward per function: acc", "reward per function: fmt", "reward (total): mean"} <= names
