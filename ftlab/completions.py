@@ -80,6 +80,10 @@ class CompletionsView:
 
 def completions_view(rows: list[dict], step: int | None = None, last: int = 5, per_prompt: int | None = None) -> CompletionsView:
     "The view of one `step`, or of the `last` stored steps."
-    steps = sorted({r["step"] for r in rows})
-    steps = [step] if step is not None else steps[-last:]
+    from ftlab.errors import FtlabError
+    stored = sorted({r["step"] for r in rows})
+    if step is not None and step not in stored:
+        raise FtlabError(f"no completions stored for step {step}",
+                         fix=f"stored steps: {', '.join(map(str, stored)) or 'none yet'} (the first five logged steps and the newest ones)")
+    steps = [step] if step is not None else stored[-last:]
     return CompletionsView([r for r in rows if r["step"] in steps], steps, per_prompt)

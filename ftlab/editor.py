@@ -749,7 +749,8 @@ PRESETS = {
     # The configs that ship with ftlab (`ftlab:configs/...`), read rather than copied.
     **{name: (ASSETS_DIR / "configs" / f).read_text() for name, f in [
         ("SFT + LoRA (tiny)", "tiny-lora.yaml"), ("SFT + QLoRA (tiny)", "tiny-qlora.yaml"), ("Full fine-tune (tiny)", "tiny-full.yaml"),
-        ("DPO + LoRA (tiny)", "tiny-dpo.yaml"), ("Reward model + LoRA (tiny)", "tiny-reward-model.yaml")]},
+        ("DPO + LoRA (tiny)", "tiny-dpo.yaml"), ("Reward model + LoRA (tiny)", "tiny-reward-model.yaml"),
+        ("GRPO + LoRA (tiny)", "tiny-grpo.yaml")]},
     "SFT + QLoRA (Qwen2.5-0.5B, GPU)": """
 base_model: Qwen/Qwen2.5-0.5B-Instruct
 load_in_4bit: true
@@ -774,31 +775,6 @@ bf16: auto
 gradient_checkpointing: true
 logging_steps: 1
 output_dir: ./outputs/qwen-qlora
-""",
-    "GRPO + LoRA": """
-base_model: ftlab:tiny
-rl: grpo
-datasets:
-  - path: "@prompts"
-sequence_len: 256
-adapter: lora
-lora_r: 16
-lora_alpha: 32
-lora_target_linear: true
-micro_batch_size: 4
-gradient_accumulation_steps: 2
-max_steps: 100
-learning_rate: 1.0e-5
-lr_scheduler: constant_with_warmup
-warmup_steps: 10
-bf16: auto
-trl:
-  reward_funcs: ["@my_reward"]
-  num_generations: 4
-  max_completion_length: 64
-  temperature: 1.0
-  beta: 0.0
-output_dir: ./outputs/tiny-grpo
 """,
 }
 

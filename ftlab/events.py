@@ -48,7 +48,7 @@ def history(records: list[dict], events=("log", "eval")) -> list[dict]:
     return sorted(seen.values(), key=lambda r: (r.get("step") or 0, r["event"]))
 
 # %% ../nbs/10_events.ipynb #93780b05
-METHOD_FIGURES = [("rewards/margins", "margin", ".3f"), ("rewards/accuracies", "acc", ".2f"), ("kl", "kl", ".3f"),
+METHOD_FIGURES = [("reward", "reward", ".3f"), ("rewards/margins", "margin", ".3f"), ("rewards/accuracies", "acc", ".2f"), ("kl", "kl", ".3f"),
                   ("accuracy", "pair acc", ".2f"), ("step_accuracy", "step acc", ".2f")]
 
 def figures(record: dict, prefix: str = "") -> list[str]:

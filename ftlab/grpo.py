@@ -12,9 +12,9 @@ from .health import GRPO_RULES
 from .strategies import resolve_callable
 
 # %% auto #0
-__all__ = ['HIDDEN_COLUMNS', 'OWN_KEYS', 'COMPLETIONS_FILE', 'COMPLETIONS_KEPT_STEPS', 'GRPO_PANELS', 'resolve_reward',
-           'reward_name', 'reward_rows', 'check_reward_functions', 'vllm_url', 'wait_for_vllm', 'grpo_args',
-           'store_completions', 'read_completions', 'grpo_preflight', 'build_grpo']
+__all__ = ['HIDDEN_COLUMNS', 'OWN_KEYS', 'COMPLETIONS_FILE', 'COMPLETIONS_KEPT_STEPS', 'COMPLETIONS_FIRST_STEPS', 'GRPO_PANELS',
+           'resolve_reward', 'reward_name', 'reward_rows', 'check_reward_functions', 'vllm_url', 'wait_for_vllm',
+           'grpo_args', 'store_completions', 'read_completions', 'grpo_preflight', 'build_grpo']
 
 # %% ../nbs/24_grpo.ipynb #de267753
 def resolve_reward(name: str, namespace: dict | None = None):
@@ -59,8 +59,16 @@ def check_reward_functions(funcs: list, names: list[str], rows: list[dict]) -> N
                              key="trl.reward_funcs", fix=f"keep `{col}` in the data: leave it out of the transform's "
                              "`remove_columns`, or return it from the transform") from None
         except TypeError as e:
-            try: params = str(inspect.signature(fn))
-            except (TypeError, ValueError): params = "(...)"
+            try: sig = inspect.signature(fn)
+            except (TypeError, ValueError): sig = None
+            given = {"prompts", "completions", "completion_ids", "trainer_state", "log_extra", "log_metric", *columns}
+            missing = [p.name for p in (sig.parameters.values() if sig else []) if p.default is p.empty
+                       and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name not in given]
+            if missing:
+                raise FtlabError(f"{where} reads column {missing[0]!r}, which the prepared rows do not have (columns: {have})",
+                                 key="trl.reward_funcs", fix=f"use one of the columns, or keep `{missing[0]}` in the data "
+                                 "(leave it out of the transform's `remove_columns`, or return it from the transform)") from None
+            params = str(sig) if sig else "(...)"
             raise FtlabError(f"{where}{params} cannot be called the way GRPO calls it: {e}", key="trl.reward_funcs",
                              fix=f"define it as `def {name}(completions, **kwargs)`: dataset columns ({have}) arrive as "
                                  "keyword arguments, one list entry per completion") from None
@@ -124,7 +132,8 @@ def grpo_args(cfg, n_train: int, has_eval: bool) -> dict:
 
 # %% ../nbs/24_grpo.ipynb #afb01189
 COMPLETIONS_FILE = "completions.jsonl"
-COMPLETIONS_KEPT_STEPS = 50
+COMPLETIONS_KEPT_STEPS = 50     # the first COMPLETIONS_FIRST_STEPS logged steps (the "before") and the newest ones
+COMPLETIONS_FIRST_STEPS = 5
 
 def _text(x):
     "A prompt or completion as text (messages joined by role)."
@@ -143,7 +152,8 @@ def store_completions(output_dir, step: int, logs: dict, keep_steps: int = COMPL
              "advantage": num(adv[i]) if i < len(adv) else None} for i, (p, c) in enumerate(zip(prompts, completions))]
     path = Path(output_dir) / COMPLETIONS_FILE
     old = [json.loads(l) for l in path.read_text().splitlines() if l.strip()] if path.exists() else []
-    steps = sorted({r["step"] for r in old} | {step})[-keep_steps:]
+    steps = sorted({r["step"] for r in old} | {step})
+    steps = steps[:COMPLETIONS_FIRST_STEPS] + steps[COMPLETIONS_FIRST_STEPS:][-(keep_steps - COMPLETIONS_FIRST_STEPS):]
     kept = [r for r in old if r["step"] in steps and r["step"] != step] + rows
     tmp = path.with_suffix(".tmp")
     tmp.write_text("".join(json.dumps(r) + "\n" for r in kept)); os.replace(tmp, path)

@@ -155,7 +155,7 @@ def rewards_stuck_at_zero(logs, evals, n: int = 20):
         return f"the reward has been 0 for the last {n} logs: no completion earns anything"
     return None
 
-def no_learning_signal(logs, evals, n: int = 10, share: float = 0.8):
+def no_learning_signal(logs, evals, n: int = 20, share: float = 0.9):
     z = [v for _, v in _vals(logs, "frac_reward_zero_std")]
     if len(z) >= n and _mean(z[-n:]) >= share:
         return (f"{100 * _mean(z[-n:]):.0f}% of prompt groups had the same reward for every completion over the last {n} "
@@ -163,9 +163,10 @@ def no_learning_signal(logs, evals, n: int = 10, share: float = 0.8):
     return None
 
 def entropy_collapse(logs, evals, n: int = 5, ratio: float = 0.1):
-    "Entropy down to a tenth of where it started (relative: a small model can be confident from the first step)."
-    w = _window(logs, "entropy", n=n, min_logs=2 * n)
-    if w and _mean(w[1]) < ratio * _mean(w[0]):
+    """Entropy down to a tenth of where it started while the reward has not risen. Relative, since a small model can be
+    confident from the first step; and a model that has solved its task is allowed to become sure of it."""
+    w, r = _window(logs, "entropy", n=n, min_logs=2 * n), _window(logs, "reward", n=n, min_logs=2 * n)
+    if w and _mean(w[1]) < ratio * _mean(w[0]) and not (r and _mean(r[1]) > _mean(r[0]) + 0.1 * (abs(_mean(r[0])) + 1e-9)):
         return f"entropy fell from {_mean(w[0]):.3f} to {_mean(w[1]):.3f}: the model has stopped exploring"
     return None
 
@@ -175,9 +176,10 @@ def completions_truncated(logs, evals, n: int = 5, share: float = 0.5):
         return f"{100 * _mean(c[-n:]):.0f}% of completions hit max_completion_length over the last {n} logs"
     return None
 
-def kl_runaway(logs, evals, n: int = 5, limit: float = 1.0):
+def kl_runaway(logs, evals, n: int = 5, limit: float = 5.0):
+    "The KL to the reference above `limit` nats and ten times where it started."
     k = [v for _, v in _vals(logs, "kl") if math.isfinite(v)]
-    if len(k) >= 2 * n and _mean(k[-n:]) > limit and _mean(k[-n:]) > 4 * max(_mean(k[:n]), 1e-3):
+    if len(k) >= 2 * n and _mean(k[-n:]) > limit and _mean(k[-n:]) > 10 * max(_mean(k[:n]), 1e-3):
         return f"the KL to the reference rose from {_mean(k[:n]):.3f} to {_mean(k[-n:]):.3f}"
     return None
 

@@ -43,10 +43,13 @@ def test_reward_function_problems_stop_before_the_model_loads(tmp_path, monkeypa
     def needs_missing(completions, solution, **kw): return [0.0] * len(completions)
     def needs_missing_key(completions, **kw): return [kw["solution"] for _ in completions]
     def words(completions, **kw): return ["good"] * len(completions)
+    def no_kwargs(completions): return [0.0] * len(completions)
     cases = {"raises": "raised ValueError: bad parse", "short": "returned 1 values for 2 completions",
-             "needs_missing": "cannot be called the way GRPO calls it", "needs_missing_key": "reads column 'solution'",
-             "words": "returned str 'good'"}
-    ns = {"raises": raises, "short": short, "needs_missing": needs_missing, "needs_missing_key": needs_missing_key, "words": words}
+             "needs_missing": "reads column 'solution', which the prepared rows do not have (columns: answer)",
+             "needs_missing_key": "reads column 'solution'", "words": "returned str 'good'",
+             "no_kwargs": "cannot be called the way GRPO calls it"}
+    ns = {"raises": raises, "short": short, "needs_missing": needs_missing, "needs_missing_key": needs_missing_key,
+          "words": words, "no_kwargs": no_kwargs}
     for name, expect in cases.items():
         run = Run(load_config(grpo_cfg(tmp_path, funcs=f'["@{name}"]')), namespace=ns)
         with pytest.raises(FtlabError) as e: run.train(max_steps=1)
@@ -100,3 +103,13 @@ def test_charts_expand_reward_functions():
     recs = [{"event": "log", "step": s, "reward": 0.1 * s, "rewards/acc/mean": 0.1 * s, "rewards/fmt/mean": 1.0} for s in (1, 2)]
     names = {t["name"] for t in figure(recs, GRPO_PANELS)["data"]}
     assert {"reward per function: acc", "reward per function: fmt", "reward (total): mean"} <= names
+
+
+def test_grpo_from_the_command_line_with_a_built_in_reward(tmp_path, capsys):
+    from ftlab.cli import main
+    assert main(["train", "ftlab:configs/tiny-grpo.yaml", "--max-steps", "2", "--set", f"output_dir={tmp_path / 'out'}",
+                 "--set", "micro_batch_size=16"]) == 0
+    out = capsys.readouterr().out
+    assert "step 2 · loss" in out and "reward " in out and "done:" in out
+    rows = [json.loads(l) for l in (tmp_path / "out" / "completions.jsonl").read_text().splitlines()]
+    assert rows and set(rows[0]["rewards"]) == {"exact_answer"}

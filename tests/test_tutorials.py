@@ -79,3 +79,21 @@ def test_reward_model(tmp_path):
     assert "eval_accuracy" in t and "finished at step 40" in h
     assert "ftlab-plan" in h and "correct" in h and "incorrect" in h                   # the PRM dry run's step labels
     assert not (work / "outputs" / "prm").exists() or not any((work / "outputs" / "prm").iterdir())
+
+
+def test_grpo(tmp_path):
+    nb, work = execute("grpo", tmp_path)
+    h, t = html(nb), text(nb)
+    # the broken reward function is stopped before training, with the column it wanted and the fix
+    assert "reads column &#x27;solution&#x27;" in h or "reads column 'solution'" in h
+    assert not (work / "outputs" / "grpo-broken" / "metrics.jsonl").exists() or \
+        not any('"event": "log"' in l for l in open(work / "outputs" / "grpo-broken" / "metrics.jsonl"))
+    chart = charts_of(nb)[-1]
+    reward = series(chart, "reward (total): mean")
+    assert reward["x"][-1] == 150
+    first, last = sum(reward["y"][:25]) / 25, sum(reward["y"][-25:]) / 25
+    assert last > first + 0.2, (first, last)                         # the accuracy reward visibly rises
+    assert any(s["name"] == "reward per function: exact_count" for s in chart["data"])
+    assert "ftlab-completions" in h and "exact_count" in h and "advantage" in h   # the completions view
+    assert "── step 1" in t and "Count from" in t                      # the first step is kept for comparison
+    assert "Warning" not in t and "Failed to load" not in t
