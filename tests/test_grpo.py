@@ -113,3 +113,32 @@ def test_grpo_from_the_command_line_with_a_built_in_reward(tmp_path, capsys):
     assert "step 2 · loss" in out and "reward " in out and "done:" in out
     rows = [json.loads(l) for l in (tmp_path / "out" / "completions.jsonl").read_text().splitlines()]
     assert rows and set(rows[0]["rewards"]) == {"exact_answer"}
+
+
+def test_dataset_transform_from_a_cell_keeps_reward_columns(tmp_path):
+    rows = [{"question": f"Count from 1 to {n}.", "solution": ", ".join(map(str, range(1, n + 1))) + "."} for n in range(3, 11)]
+    def to_prompts(cfg):
+        def map_fn(row): return {"prompt": [{"role": "user", "content": row["question"]}], "answer": row["solution"]}
+        return map_fn, {"remove_columns": ["question", "solution"]}
+    text = grpo_cfg(tmp_path, data='"@rows"').replace("type: chat_template", 'type: "@to_prompts"')
+    run = Run(load_config(text), namespace={"rows": rows, "to_prompts": to_prompts, "count_reward": count_reward})
+    prepared = run.prepare()
+    assert set(prepared.train.column_names) >= {"prompt", "answer"} and "solution" not in prepared.train.column_names
+    run.train(max_steps=1)
+    assert [r["step"] for r in read_metrics(run.output_dir) if r["event"] == "log"] == [1]
+    # a reward function that wants the column the transform removed is stopped before the model loads
+    def wants_solution(completions, solution, **kw): return [0.0] * len(completions)
+    bad = Run(load_config(text.replace("@count_reward", "@wants_solution")),
+              namespace={"rows": rows, "to_prompts": to_prompts, "wants_solution": wants_solution})
+    with pytest.raises(FtlabError) as e: bad.train(max_steps=1)
+    assert "reads column 'solution'" in str(e.value) and "remove_columns" in str(e.value)
+
+
+def test_a_trained_reward_model_as_the_reward(tmp_path):
+    rm_text = (f"base_model: ftlab:tiny\nreward_model: true\noutput_dir: {tmp_path / 'rm'}\nsequence_len: 128\n"
+               f"micro_batch_size: 8\nmax_steps: 2\nlearning_rate: 0.001\nsave_steps: 1000\n"
+               f"datasets:\n  - path: ftlab:data/preference.jsonl\n    type: chat_template\n")
+    Run(load_config(rm_text)).train()
+    run = Run(load_config(grpo_cfg(tmp_path, funcs=f"['{tmp_path / 'rm'}']"))).train(max_steps=1)
+    (log,) = [r for r in read_metrics(run.output_dir) if r["event"] == "log"]
+    assert "rewards/rm/mean" in log and log["reward_std"] > 0   # the reward model's scores vary across completions
