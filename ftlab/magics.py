@@ -117,6 +117,8 @@ class FtlabMagics(Magics):
         finally:
             run.observers.remove(dash)
             dash.close()
+        # online RL: what the model generated at the end, beside its rewards (`run.completions()` browses every step)
+        if (run.output_dir / "completions.jsonl").exists(): display(run.completions(last=1, per_prompt=4))
 
     @line_magic
     def ftlab(self, line: str):

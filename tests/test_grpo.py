@@ -142,3 +142,20 @@ def test_a_trained_reward_model_as_the_reward(tmp_path):
     run = Run(load_config(grpo_cfg(tmp_path, funcs=f"['{tmp_path / 'rm'}']"))).train(max_steps=1)
     (log,) = [r for r in read_metrics(run.output_dir) if r["event"] == "log"]
     assert "rewards/rm/mean" in log and log["reward_std"] > 0   # the reward model's scores vary across completions
+
+
+def test_grpo_cell_ends_with_the_completions_view(tmp_path, monkeypatch):
+    from IPython.core.interactiveshell import InteractiveShell
+    from IPython.utils.capture import capture_output
+    import ftlab.dashboard as dash
+    monkeypatch.setattr(dash, "in_notebook", lambda: True)
+    shell = InteractiveShell.instance()
+    shell.run_line_magic("load_ext", "ftlab")
+    shell.user_ns["count_reward"] = count_reward
+    with capture_output() as cap:
+        shell.run_cell_magic("finetune", "--name g --max-steps 2", grpo_cfg(tmp_path))
+    htmls = [o.data.get("text/html", "") for o in cap.outputs]
+    assert shell.user_ns["g"].state == "finished"
+    assert any("ftlab-completions" in h and "count_reward" in h and "step 2" in h for h in htmls)
+    charts = [o.data["application/vnd.plotly.v1+json"] for o in cap.outputs if "application/vnd.plotly.v1+json" in o.data]
+    assert any(t["name"] == "reward per function: count_reward" for t in charts[-1]["data"])
