@@ -187,7 +187,7 @@ def grpo_preflight(cfg, prepared, tokenizer, namespace=None) -> dict:
 
 GRPO_PANELS = [
     Panel("reward (total)", [("log", "reward", "mean"), ("log", "reward_std", "std within groups")]),
-    Panel("reward per function", [("log", "rewards/*/mean", "*")]),
+    Panel("reward per function", [("log", "rewards/*/mean", "* mean"), ("log", "rewards/*/std", "* std")]),
     Panel("groups with no signal", [("log", "frac_reward_zero_std", "share of groups with reward std 0")]),
     LOSS_PANEL,
     Panel("KL to the reference", [("log", "kl", "kl")]),

@@ -102,7 +102,7 @@ def test_charts_expand_reward_functions():
     from ftlab.grpo import GRPO_PANELS
     recs = [{"event": "log", "step": s, "reward": 0.1 * s, "rewards/acc/mean": 0.1 * s, "rewards/fmt/mean": 1.0} for s in (1, 2)]
     names = {t["name"] for t in figure(recs, GRPO_PANELS)["data"]}
-    assert {"reward per function: acc", "reward per function: fmt", "reward (total): mean"} <= names
+    assert {"reward per function: acc mean", "reward per function: fmt mean", "reward (total): mean"} <= names
 
 
 def test_grpo_from_the_command_line_with_a_built_in_reward(tmp_path, capsys):
@@ -158,4 +158,4 @@ def test_grpo_cell_ends_with_the_completions_view(tmp_path, monkeypatch):
     assert shell.user_ns["g"].state == "finished"
     assert any("ftlab-completions" in h and "count_reward" in h and "step 2" in h for h in htmls)
     charts = [o.data["application/vnd.plotly.v1+json"] for o in cap.outputs if "application/vnd.plotly.v1+json" in o.data]
-    assert any(t["name"] == "reward per function: count_reward" for t in charts[-1]["data"])
+    assert any(t["name"] == "reward per function: count_reward mean" for t in charts[-1]["data"])

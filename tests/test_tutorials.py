@@ -93,7 +93,7 @@ def test_grpo(tmp_path):
     assert reward["x"][-1] == 150
     first, last = sum(reward["y"][:25]) / 25, sum(reward["y"][-25:]) / 25
     assert last > first + 0.2, (first, last)                         # the accuracy reward visibly rises
-    assert any(s["name"] == "reward per function: exact_count" for s in chart["data"])
+    assert any(s["name"] == "reward per function: exact_count mean" for s in chart["data"])
     assert "ftlab-completions" in h and "exact_count" in h and "advantage" in h   # the completions view
     assert "── step 1" in t and "Count from" in t                      # the first step is kept for comparison
     assert "Warning" not in t and "Failed to load" not in t
