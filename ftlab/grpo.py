@@ -181,6 +181,12 @@ def grpo_preflight(cfg, prepared, tokenizer, namespace=None) -> dict:
     rows = reward_rows(prepared.train)
     check_reward_functions(funcs, [reward_name(f) for f in funcs], [rows[i] for i in range(min(2, len(rows)))])
     extra = {"reward_funcs": funcs}
+    if cfg.trl.use_vllm:
+        import importlib.util
+        if importlib.util.find_spec("vllm") is None:
+            raise FtlabError("`trl.use_vllm: true` but vLLM is not installed", key="trl.use_vllm",
+                             fix='pip install "ftlab[vllm]" on a CUDA machine (on a CPU: docs/vllm.md), or remove `use_vllm` '
+                                 "to generate with transformers")
     if cfg.trl.rollout_func: extra["rollout_func"] = resolve_callable(cfg.trl.rollout_func, namespace, "rollout function")
     if cfg.trl.use_vllm and (cfg.trl.vllm_mode or "colocate") == "server": wait_for_vllm(cfg)
     return extra
@@ -198,6 +204,25 @@ GRPO_PANELS = [
     GRAD_NORM_PANEL,
 ]
 
+def _vllm_layerwise_sync(gen):
+    """Weights into a colocated vLLM engine through vLLM's layerwise reload. vLLM's CPU build repacks linear weights
+    after loading and drops the originals, so the plain `load_weights` TRL uses fails there."""
+    from vllm.model_executor.model_loader.reload import initialize_layerwise_reload, finalize_layerwise_reload
+    engine = gen.llm.llm_engine
+    model = engine.model_executor.driver_worker.model_runner.model
+    initialize_layerwise_reload(model)
+    for name, param in gen._iter_named_params(): model.load_weights([(name, param)])
+    finalize_layerwise_reload(model, engine.model_config)
+    gen.llm.reset_prefix_cache()
+
+def _fit_vllm_weight_sync(trainer):
+    gen = getattr(trainer, "vllm_generation", None)
+    if gen is None or getattr(gen, "mode", None) != "colocate": return
+    from vllm.platforms import current_platform
+    if current_platform.is_cpu():
+        import functools
+        gen.sync_weights = functools.partial(_vllm_layerwise_sync, gen)
+
 def build_grpo(cfg, model, tokenizer, prepared, callbacks=(), reward_funcs=None, rollout_func=None):
     from trl import GRPOConfig
     from ftlab.preference import _peft
@@ -208,6 +233,7 @@ def build_grpo(cfg, model, tokenizer, prepared, callbacks=(), reward_funcs=None,
                                     eval_dataset=evalset, processing_class=tokenizer, peft_config=_peft(cfg, model),
                                     callbacks=list(callbacks), **extra)
     trainer.store = cfg.trl.log_completions is not False
+    if cfg.trl.use_vllm: _fit_vllm_weight_sync(trainer)
     return trainer
 
 for _name, _desc in (("grpo", "group relative policy optimisation: sampled completions scored by reward functions"),
