@@ -159,3 +159,13 @@ def test_grpo_cell_ends_with_the_completions_view(tmp_path, monkeypatch):
     assert any("ftlab-completions" in h and "count_reward" in h and "step 2" in h for h in htmls)
     charts = [o.data["application/vnd.plotly.v1+json"] for o in cap.outputs if "application/vnd.plotly.v1+json" in o.data]
     assert any(t["name"] == "reward per function: count_reward mean" for t in charts[-1]["data"])
+
+
+def test_use_vllm_without_vllm_is_one_message(tmp_path, monkeypatch):
+    import importlib.util, ftlab.model
+    if importlib.util.find_spec("vllm") is not None: pytest.skip("vLLM is installed here; tests/with_vllm runs it")
+    monkeypatch.setattr(ftlab.model, "load_model", lambda *a, **k: (_ for _ in ()).throw(AssertionError("loaded")))
+    run = Run(load_config(grpo_cfg(tmp_path, extra="  use_vllm: true\n  vllm_mode: colocate\n")),
+              namespace={"count_reward": count_reward})
+    with pytest.raises(FtlabError) as e: run.train(max_steps=1)
+    assert "vLLM is not installed" in str(e.value) and "docs/vllm.md" in str(e.value)
