@@ -118,7 +118,9 @@ class FtlabMagics(Magics):
             run.observers.remove(dash)
             dash.close()
         # online RL: what the model generated at the end, beside its rewards (`run.completions()` browses every step)
-        if (run.output_dir / "completions.jsonl").exists(): display(run.completions(last=1, per_prompt=4))
+        if (run.output_dir / "completions.jsonl").exists():
+            shown = (cfg.trl.num_completions_to_print if cfg.trl is not None else None) or 4
+            display(run.completions(last=1, per_prompt=shown))
 
     @line_magic
     def ftlab(self, line: str):

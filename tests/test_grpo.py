@@ -153,10 +153,12 @@ def test_grpo_cell_ends_with_the_completions_view(tmp_path, monkeypatch):
     shell.run_line_magic("load_ext", "ftlab")
     shell.user_ns["count_reward"] = count_reward
     with capture_output() as cap:
-        shell.run_cell_magic("finetune", "--name g --max-steps 2", grpo_cfg(tmp_path))
+        shell.run_cell_magic("finetune", "--name g --max-steps 2", grpo_cfg(tmp_path, extra="  num_completions_to_print: 1\n"))
     htmls = [o.data.get("text/html", "") for o in cap.outputs]
     assert shell.user_ns["g"].state == "finished"
-    assert any("ftlab-completions" in h and "count_reward" in h and "step 2" in h for h in htmls)
+    (view,) = [h for h in htmls if "ftlab-completions" in h]
+    assert "count_reward" in view and "step 2" in view
+    assert view.count("white-space:pre-wrap") == 2 * 2          # 2 prompts of the step, 1 completion shown for each
     charts = [o.data["application/vnd.plotly.v1+json"] for o in cap.outputs if "application/vnd.plotly.v1+json" in o.data]
     assert any(t["name"] == "reward per function: count_reward mean" for t in charts[-1]["data"])
 
