@@ -40,6 +40,12 @@ def reward_rows(ds):
     "The prepared prompts as TRL receives them: ftlab's own bookkeeping columns removed."
     return ds.remove_columns([c for c in HIDDEN_COLUMNS if c in ds.column_names]) if ds is not None else None
 
+def _raised(where: str, e: Exception, rows: list, chat: bool) -> FtlabError:
+    return FtlabError(f"{where} raised {type(e).__name__}: {e} (called on {len(rows)} prepared rows with a test "
+                      f"completion{'s as messages' if chat else ''})", key="trl.reward_funcs",
+                      fix="make it handle any completion text; completions of chat prompts are lists of messages, "
+                          "e.g. `completions[i][0]['content']`")
+
 def check_reward_functions(funcs: list, names: list[str], rows: list[dict]) -> None:
     "Call each reward function on `rows` with test completions; raise one clear FtlabError when one breaks its contract."
     prompts = [r["prompt"] for r in rows]
@@ -54,7 +60,8 @@ def check_reward_functions(funcs: list, names: list[str], rows: list[dict]) -> N
             out = fn(prompts=prompts, completions=completions, completion_ids=[[0]] * len(rows), trainer_state=None,
                      log_extra=lambda *a, **k: None, log_metric=lambda *a, **k: None, **columns)
         except KeyError as e:
-            col = e.args[0] if e.args else "?"
+            col = e.args[0] if e.args else None
+            if not isinstance(col, str) or col in columns: raise _raised(where, e, rows, chat) from None
             raise FtlabError(f"{where} reads column {col!r}, which the prepared rows do not have (columns: {have})",
                              key="trl.reward_funcs", fix=f"keep `{col}` in the data: leave it out of the transform's "
                              "`remove_columns`, or return it from the transform") from None
@@ -73,10 +80,7 @@ def check_reward_functions(funcs: list, names: list[str], rows: list[dict]) -> N
                              fix=f"define it as `def {name}(completions, **kwargs)`: dataset columns ({have}) arrive as "
                                  "keyword arguments, one list entry per completion") from None
         except Exception as e:
-            raise FtlabError(f"{where} raised {type(e).__name__}: {e} (called on {len(rows)} prepared rows with a test "
-                             f"completion{'s as messages' if chat else ''})", key="trl.reward_funcs",
-                             fix="make it handle any completion text; completions of chat prompts are lists of messages, "
-                                 "e.g. `completions[i][0]['content']`") from None
+            raise _raised(where, e, rows, chat) from None
         if not isinstance(out, (list, tuple)) or len(out) != len(rows):
             got = f"{len(out)} values" if isinstance(out, (list, tuple)) else type(out).__name__
             raise FtlabError(f"{where} returned {got} for {len(rows)} completions", key="trl.reward_funcs",
