@@ -179,12 +179,13 @@ def _grpo_trainer_class():
     return FtlabGRPOTrainer
 
 # %% ../nbs/24_grpo.ipynb #e5c23799
-def grpo_preflight(cfg, prepared, tokenizer, namespace=None) -> dict:
+def grpo_preflight(cfg, prepared, tokenizer, namespace=None, dry_run: bool = False) -> dict:
     names = list(cfg.trl.reward_funcs or [])
     funcs = [resolve_reward(n, namespace) for n in names]
     rows = reward_rows(prepared.train)
     check_reward_functions(funcs, [reward_name(f) for f in funcs], [rows[i] for i in range(min(2, len(rows)))])
     extra = {"reward_funcs": funcs}
+    if dry_run: return extra     # `%%finetune --dry-run`: the reward check only, no vLLM
     if cfg.trl.use_vllm:
         import importlib.util
         if importlib.util.find_spec("vllm") is None:

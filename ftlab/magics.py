@@ -108,7 +108,9 @@ class FtlabMagics(Magics):
         if args.name: self.shell.user_ns[args.name] = run
         prepared = run.prepare()
         display(PlanView(make_plan(cfg, prepared), run.masks(2)))
-        if args.dry_run: return
+        if args.dry_run:
+            run.check()   # e.g. GRPO's reward functions, called on a few prepared rows
+            return
         # A resumed run's chart continues its earlier history; a fresh run starts an empty one.
         dash = Dashboard.for_run(run, history=args.resume)
         run.observers.append(dash)

@@ -29,8 +29,9 @@ class Method:
     description: str = ""
     panels: list[Panel] = field(default_factory=list)
     rules: list = field(default_factory=list)   # ftlab.health.Rule
-    # (cfg, prepared, tokenizer, namespace) -> dict, run before the model loads; its result goes to `build` as
-    # keyword arguments (GRPO resolves and checks its reward functions here, so a broken one costs no model load)
+    # (cfg, prepared, tokenizer, namespace, dry_run=False) -> dict, run before the model loads; its result goes to
+    # `build` as keyword arguments (GRPO resolves and checks its reward functions here, so a broken one costs no model
+    # load); with dry_run=True only the checks that need nothing outside this process run
     preflight: Callable | None = None
 
 METHODS: dict[str, Method] = {}

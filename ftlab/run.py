@@ -286,6 +286,15 @@ def _score(self, prompt, responses):
 
 Run.score = _score
 
+def _check(self):
+    "The method's checks that need the data but not the model (GRPO: call each reward function on a few rows)."
+    from ftlab.methods import get_method
+    method = get_method(self.cfg)
+    if method.preflight: method.preflight(self.cfg, self.prepare(), self.tokenizer, self.namespace, dry_run=True)
+    return self
+
+Run.check = _check
+
 def _completions(self, step: int | None = None, last: int = 5, per_prompt: int | None = None):
     "Online RL: the stored completions of `step` (or of the `last` logged steps) beside their rewards and advantages."
     from ftlab.grpo import read_completions

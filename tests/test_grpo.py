@@ -171,3 +171,20 @@ def test_use_vllm_without_vllm_is_one_message(tmp_path, monkeypatch):
               namespace={"count_reward": count_reward})
     with pytest.raises(FtlabError) as e: run.train(max_steps=1)
     assert "vLLM is not installed" in str(e.value) and "docs/vllm.md" in str(e.value)
+
+
+def test_dry_run_cell_checks_reward_functions(tmp_path):
+    from IPython.core.interactiveshell import InteractiveShell
+    from IPython.utils.capture import capture_output
+    shell = InteractiveShell.instance()
+    shell.run_line_magic("load_ext", "ftlab")
+    def typo(completions, solution, **kw): return [0.0] * len(completions)
+    shell.user_ns.update(typo=typo, count_reward=count_reward)
+    with capture_output() as cap:
+        shell.run_cell_magic("finetune", "--dry-run", grpo_cfg(tmp_path, funcs='["@typo"]'))
+    h = "\n".join(o.data.get("text/html", "") for o in cap.outputs)
+    assert "ftlab-plan" in h and ("reads column &#x27;solution&#x27;" in h or "reads column 'solution'" in h)
+    with capture_output() as cap:
+        shell.run_cell_magic("finetune", "--dry-run", grpo_cfg(tmp_path))
+    assert not any("reads column" in o.data.get("text/html", "") for o in cap.outputs)
+    assert not (tmp_path / "out" / "metrics.jsonl").exists()
