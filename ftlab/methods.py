@@ -44,7 +44,7 @@ def register_method(name: str, description: str = "", panels=(), rules=(), prefl
     return deco
 
 def get_method(cfg) -> Method:
-    "The registry entry for the config's method; the built-in preference and reward methods register on first use."
+    "The registry entry for the config's method; the built-in preference, reward and GRPO methods register on first use."
     import ftlab.preference, ftlab.reward, ftlab.grpo  # noqa: F401  (importing them registers their methods)
     name = cfg.method
     if name not in METHODS:
