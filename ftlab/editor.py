@@ -438,16 +438,20 @@ class _Row(_Markable):
 # %% ../nbs/17_editor.ipynb #612322ab
 class _SectionRow(_Row):
     "A nested section (`trl:`, `vllm:` ...) edited as a sub-form, built the first time it is needed."
-    def __init__(self, spec: FieldSpec, form, ed):
+    def _header(self, spec: FieldSpec, form, ed, reset_tip: str):
+        "What a section row and a list row share: label, reset button, help line, problem state."
         self.spec, self.key, self.form, self.ed = spec, spec.key, form, ed
-        self.problems, self.colour, self.error, self._sub = [], None, None, None
-        self._specs = [field_spec(k, f) for k, f in spec.model.model_fields.items()]
+        self.problems, self.colour, self.error = [], None, None
         self.label = W.HTML(layout=_shared("label"), style=_shared("html"))
         self.label.tooltip = spec.description or None
-        self.reset = W.Button(description="×", tooltip=f"unset every key of {self.key}:",
-                              layout=W.Layout(width="30px", padding="0px"))
+        self.reset = W.Button(description="×", tooltip=reset_tip, layout=W.Layout(width="30px", padding="0px"))
         self.reset.on_click(lambda _: self.ed._edit(self.clear))
         self.help = W.HTML(layout=_shared("help"), style=_shared("html"))
+
+    def __init__(self, spec: FieldSpec, form, ed):
+        self._header(spec, form, ed, f"unset every key of {spec.key}:")
+        self._sub = None
+        self._specs = [field_spec(k, f) for k, f in spec.model.model_fields.items()]
         self.acc = W.Accordion(children=[W.HTML("…")], selected_index=None)
         self.acc.observe(lambda c: c["new"] is not None and self.sub, "selected_index")   # opening builds it
         self.box = W.VBox([W.HBox([self.label, self.reset, self.help], layout=_shared("row")), self.acc],
@@ -536,14 +540,8 @@ class _Entry(_Markable):
 class _ListRow(_SectionRow):
     "A list of sections (`datasets:`): one sub-form per entry."
     def __init__(self, spec: FieldSpec, form, ed):
-        self.spec, self.key, self.form, self.ed = spec, spec.key, form, ed
-        self.problems, self.colour, self.error, self.entries = [], None, None, []
-        self.label = W.HTML(layout=_shared("label"), style=_shared("html"))
-        self.label.tooltip = spec.description or None
-        self.reset = W.Button(description="×", tooltip=f"remove every entry of {self.key}",
-                              layout=W.Layout(width="30px", padding="0px"))
-        self.reset.on_click(lambda _: self.ed._edit(self.clear))
-        self.help = W.HTML(layout=_shared("help"), style=_shared("html"))
+        self._header(spec, form, ed, f"remove every entry of {spec.key}")
+        self.entries = []
         self.add = W.Button(description=f"+ add to {self.key}", layout=W.Layout(width="auto", margin="0px 0px 0px 24px"))
         self.add.on_click(lambda _: self.ed._edit(self._add))
         self.list = W.VBox()

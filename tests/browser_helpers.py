@@ -201,26 +201,19 @@ def kill_tree(proc: subprocess.Popen, grace: float = 5.0) -> None:
     browser helpers may sit in groups of their own)."""
     pids = _descendants(proc.pid)
     if proc.poll() is None:
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-        try:
-            proc.wait(grace)
-        except subprocess.TimeoutExpired:
-            pass
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+        _quietly(os.killpg, proc.pid, signal.SIGTERM)
+        _quietly(proc.wait, grace)
+    _quietly(os.killpg, proc.pid, signal.SIGKILL)
     for pid in pids:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        _quietly(os.kill, pid, signal.SIGKILL)
+    _quietly(proc.wait, grace)
+
+
+def _quietly(fn, *args) -> None:
+    "Call fn; a process that is already gone, or does not exit in time, is not an error while cleaning up."
     try:
-        proc.wait(grace)
-    except subprocess.TimeoutExpired:
+        fn(*args)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
         pass
 
 
