@@ -234,11 +234,12 @@ def render(rows: list[dict]) -> str:
                        + (f"; a straight line through the peaks reaches 97% of the GPU at about "
                           f"{fmt(r['predicted_max'])} tokens (extrapolated)" if r.get("predicted_max") else "")
                        + (f" ({r['note']})" if r.get("note") else "") + "\n")
-            out.append("| seq | status | peak alloc GiB | peak reserved GiB | s/step | tokens/s | wall s |")
-            out.append("|---|---|---|---|---|---|---|")
+            out.append("| seq | status | peak alloc GiB | peak reserved GiB | host peak GiB | s/step | tokens/s | wall s |")
+            out.append("|---|---|---|---|---|---|---|---|")
             for t in r.get("attempts", []):
                 out.append(f"| {t['seq']:,} | {t['status']} | {fmt(t.get('peak_alloc_gib'), 2)} | "
-                           f"{fmt(t.get('peak_reserved_gib'), 2)} | {fmt(t.get('step_s_median'), 2)} | "
+                           f"{fmt(t.get('peak_reserved_gib'), 2)} | {fmt(t.get('peak_rss_gib'), 1)} | "
+                           f"{fmt(t.get('step_s_median'), 2)} | "
                            f"{fmt(t.get('tokens_per_s'), 0)} | {fmt(t.get('wall_s'), 0)} |")
             out.append("")
         preps = [r for r in rs if r.get("kind") == "prepare" and not r.get("cached")]

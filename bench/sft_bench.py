@@ -641,9 +641,8 @@ def one_run(a) -> dict:
             row["peak_alloc_gib"] = _gib(torch.cuda.max_memory_allocated())
             row["peak_reserved_gib"] = _gib(torch.cuda.max_memory_reserved())
             row["gpu_total_gib"] = _gib(torch.cuda.get_device_properties(0).total_memory)
-        else:
-            import resource
-            row["peak_rss_gib"] = _gib(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+        import resource   # host memory: activation offloading keeps layer inputs there
+        row["peak_rss_gib"] = _gib(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     except Exception: pass
     if a.label: row["variant"] = a.label
     if trainer is not None and (a.impl == "liger" or info.get("ftlab_extra", {}).get("use_liger_kernel")):
@@ -682,8 +681,9 @@ def find_max_seq(a) -> dict:
     note = None
     for seq in seqs:
         left = a.budget_s - (time.time() - t_start)
-        # load + quantize (~60 s) and the steps at a pessimistic 250 TFLOP/s
-        need = 60 + a.fit_steps * est_step_s(cfg, seq, a.mode, True, 250)
+        # load + quantize (~60 s) and the steps at 300 TFLOP/s of the formula's FLOPs (131k tokens ran at 346 on the
+        # H200, raw/h200-cmd8-maxseq.jsonl; the formula counts full, not causal, attention)
+        need = 60 + a.fit_steps * est_step_s(cfg, seq, a.mode, True, 300)
         if need > left:
             note = f"stopped before {seq}: about {need:.0f} s needed, {left:.0f} s of the budget left"
             break
@@ -701,7 +701,7 @@ def find_max_seq(a) -> dict:
         r = {"seq": seq, "status": res["status"], "error": res.get("error"), "peak_alloc_gib": res.get("peak_alloc_gib"),
              "peak_reserved_gib": res.get("peak_reserved_gib"), "gpu_total_gib": res.get("gpu_total_gib"),
              "tokens_per_s": res.get("tokens_per_s"), "step_s_median": res.get("step_s_median"),
-             "load_s": res.get("load_s"), "wall_s": round(time.time() - t, 1)}
+             "load_s": res.get("load_s"), "peak_rss_gib": res.get("peak_rss_gib"), "wall_s": round(time.time() - t, 1)}
         attempts.append(r)
         print(f"[max-seq] {seq}: {r['status']} peak {r['peak_alloc_gib']} GiB alloc / {r['peak_reserved_gib']} GiB "
               f"reserved, {r['step_s_median']} s/step, {r['wall_s']} s", flush=True)

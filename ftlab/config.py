@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import importlib.util
 import re
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
@@ -168,7 +169,7 @@ UNSUPPORTED_KEYS: dict[str, str] = {
     "batch_size": "use `micro_batch_size` and `gradient_accumulation_steps` (their product is the batch size)",
     "overrides_of_model_config": "remove it (model config overrides are not built yet)",
     "rope_scaling": "remove it (model config overrides are not built yet)",
-    "activation_offloading": "remove it, and use `gradient_checkpointing: true` to save activation memory",
+
     "use_cut_cross_entropy": "remove it (ftlab computes the standard cross-entropy)",
     "cut_cross_entropy": "remove it (ftlab computes the standard cross-entropy)",
     "quantize_moe_experts": "remove it (quantized MoE experts are not built yet)",
@@ -697,8 +698,11 @@ class Config(_Section):
     adam_beta2: float | None = _F(None, "Adam beta2", ge=0, lt=1)
     adam_epsilon: float | None = _F(None, "Adam epsilon", gt=0)
     max_grad_norm: float | None = _F(None, "gradient clipping norm (default 1.0; 0 = off)", ge=0)
-    gradient_checkpointing: Annotated[bool | Literal["unsloth", "offload"], BeforeValidator(_grad_ckpt)] = _F(False, "recompute activations in the backward pass to save memory")
+    gradient_checkpointing: Annotated[bool | Literal["unsloth", "offload"], BeforeValidator(_grad_ckpt)] = _F(False, "recompute activations in the backward pass to save memory (`offload`: and keep the layer inputs it saves in CPU memory)")
     gradient_checkpointing_kwargs: dict[str, Any] | None = _F(None, "e.g. `{use_reentrant: false}`")
+    activation_offloading: bool | Literal["legacy"] | None = _F(None, "keep the layer inputs gradient checkpointing saves in CPU memory instead of on the GPU (long sequences; turns checkpointing on)")
+    tiled_mlp: bool | None = _F(None, "compute each MLP over slices of the sequence, recomputed in the backward (long sequences; needs liger-kernel)")
+    tiled_mlp_num_shards: int | None = _F(None, "slices for `tiled_mlp` (default: sequence length / hidden size)", gt=0)
     logging_steps: int = _F(1, "log every N optimizer steps", gt=0)
     eval_strategy: Choice("no", "steps", "epoch") | None = _F(None, "when to evaluate (default: from eval_steps / evals_per_epoch)")
     eval_steps: PositiveNumber | None = _F(None, "evaluate every N steps (a float below 1 = fraction of training)")
@@ -806,6 +810,16 @@ class Config(_Section):
         if self.reward_model: return "reward_model"
         if self.process_reward_model: return "process_reward_model"
         return "sft"
+
+    @property
+    def offload_activations(self) -> bool:
+        "Whether checkpointed layer inputs wait in CPU memory (`activation_offloading`, `gradient_checkpointing: offload`)."
+        return bool(self.activation_offloading) or self.gradient_checkpointing in ("offload", "unsloth")
+
+    @property
+    def checkpointing(self) -> bool:
+        "Whether activations are recomputed in the backward (asked for, or implied by offloading them)."
+        return bool(self.gradient_checkpointing) or self.offload_activations
 
     @property
     def effective_batch_size(self) -> int:
@@ -1405,9 +1419,15 @@ def _cross_checks(cfg: Config, require_datasets: bool, where: _Where | None = No
         for k in ("eval_steps", "evals_per_epoch"):
             if getattr(cfg, k) is not None:
                 note((k,), f"`{k}` is set but there is no evaluation data (val_set_size is 0 and no test_datasets): nothing will be evaluated")
-    if isinstance(cfg.gradient_checkpointing, str):
-        note(("gradient_checkpointing",), f"`gradient_checkpointing: {cfg.gradient_checkpointing}` is an axolotl variant; ftlab uses standard gradient checkpointing")
-    elif cfg.gradient_checkpointing_kwargs and not cfg.gradient_checkpointing:
+    if cfg.activation_offloading and not cfg.gradient_checkpointing:
+        note(("activation_offloading",), "`activation_offloading` keeps the inputs that gradient checkpointing saves in CPU memory: "
+                                         "gradient checkpointing is turned on with it")
+    if cfg.tiled_mlp and importlib.util.find_spec("liger_kernel") is None:
+        err(("tiled_mlp",), "`tiled_mlp` uses Liger-Kernel's tiled MLP, and the liger-kernel package is not installed",
+            "`pip install liger-kernel` (or `pip install 'ftlab[kernels]'`), or remove `tiled_mlp`")
+    if cfg.tiled_mlp_num_shards and not cfg.tiled_mlp:
+        note(("tiled_mlp_num_shards",), "`tiled_mlp_num_shards` has no effect without `tiled_mlp: true`")
+    if cfg.gradient_checkpointing_kwargs and not cfg.checkpointing:
         note(("gradient_checkpointing_kwargs",), "`gradient_checkpointing_kwargs` has no effect without `gradient_checkpointing: true`")
 
     # trackers and plugins

@@ -129,7 +129,8 @@ SECTION_KEYS = {   # section -> key patterns (fnmatch), tried in this order
             "special_tokens tokens",
     "training": "micro_batch_size eval_batch_size gradient_* num_epochs max_steps learning_rate lr_* warmup_* "
                 "optimizer weight_decay adam_* max_grad_norm logging_steps eval_* evals_per_epoch save_* "
-                "saves_per_epoch seed output_dir *resume_from_checkpoint* early_stopping_patience group_by_length",
+                "saves_per_epoch seed output_dir *resume_from_checkpoint* early_stopping_patience group_by_length "
+                "activation_offloading tiled_mlp*",
     "methods": "rl reward_model process_reward_model rl_beta dpo_* rpo_alpha precompute_ref_log_probs orpo_alpha "
                "simpo_gamma cpo_alpha kto_* trl ebft vllm",
     "tracking": "wandb_* use_tensorboard mlflow_*",

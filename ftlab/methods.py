@@ -75,8 +75,8 @@ def training_args(cfg, n_train: int, has_eval: bool) -> dict:
         lr_scheduler_kwargs=cfg.lr_scheduler_kwargs or {}, warmup_steps=warmup,
         optim=cfg.optimizer or ("adamw_torch_fused" if dev["cuda"] else "adamw_torch"),
         weight_decay=cfg.weight_decay or 0.0, max_grad_norm=cfg.max_grad_norm if cfg.max_grad_norm is not None else 1.0,
-        **checkpointing_args(bool(cfg.gradient_checkpointing),
-                             cfg.gradient_checkpointing_kwargs or ({"use_reentrant": False} if cfg.gradient_checkpointing else None)),
+        **checkpointing_args(cfg.checkpointing,
+                             cfg.gradient_checkpointing_kwargs or ({"use_reentrant": False} if cfg.checkpointing else None)),
         logging_steps=cfg.logging_steps or 1, logging_first_step=True,
         logging_nan_inf_filter=False,  # a NaN loss must reach the log, not be averaged away
         eval_strategy="steps" if has_eval and eval_steps else ("epoch" if has_eval else "no"),

@@ -10,7 +10,7 @@ from .tokenizer import model_path, _load_error
 # %% auto #0
 __all__ = ['MODEL_HEADS', 'KERNEL_KEYS', 'device_info', 'torch_dtype', 'attn_implementation', 'attention_note',
            'quantization_config', 'model_head', 'load_model', 'lora_config', 'load_adapter', 'apply_kernels',
-           'count_parameters']
+           'count_parameters', 'apply_long_context', 'long_context_callback']
 
 # %% ../nbs/08_model.ipynb #a4f255bd
 def device_info() -> dict:
@@ -136,3 +136,34 @@ def count_parameters(model) -> tuple[int, int]:
         total += n
         if p.requires_grad: trainable += n
     return trainable, total
+
+# %% ../nbs/08_model.ipynb #76821745
+def apply_long_context(cfg, model) -> str | None:
+    "Switch on activation offloading and the tiled MLP the config asks for; a one-line account, or None."
+    from ftlab.kernels import long_context as lc
+    parts = []
+    if cfg.offload_activations:
+        n = lc.apply_offloaded_checkpointing(model)
+        parts.append(f"checkpointed inputs of {n} layers kept in CPU memory" if n else
+                     "activation offloading found no checkpointed layers (is gradient checkpointing supported by this model?)")
+    if cfg.tiled_mlp:
+        n = lc.apply_tiled_mlp(model, cfg.tiled_mlp_num_shards)
+        parts.append(f"MLP of {n} layers computed in slices of the sequence" if n else "tiled_mlp found no dense MLP to tile")
+    return "; ".join(parts) or None
+
+def long_context_callback(cfg, emit):
+    "A TrainerCallback that applies `apply_long_context` when training begins and frees the host buffers at its end."
+    from transformers import TrainerCallback
+    from ftlab.kernels.long_context import HOST_BUFFERS
+
+    class LongContextCallback(TrainerCallback):
+        def on_train_begin(self, args, state, control, model=None, **kw):
+            note = apply_long_context(cfg, model)
+            if note: emit({"event": "note", "step": state.global_step, "message": note})
+
+        def on_train_end(self, args, state, control, **kw): self.release()
+
+        @staticmethod
+        def release(): HOST_BUFFERS.release()
+
+    return LongContextCallback()

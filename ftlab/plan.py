@@ -101,9 +101,11 @@ def estimate_memory(cfg, mcfg, trainable: int, total: int, dtype: str) -> dict:
         weights += total * BYTES[dtype]                            # the frozen reference copy of full fine-tuning
     act_bytes = 2 if dtype != "float32" else 4
     # Per layer and token, roughly 17 hidden-sized values are kept for the backward pass (attention, MLP, norms);
-    # with checkpointing only the layer inputs are. Logits and their softmax add 2 vocab-sized values per token.
-    per_layer = (1 if cfg.gradient_checkpointing else 17) * h * act_bytes
-    activations = tokens * (L * per_layer + 2 * V * 4)
+    # with checkpointing only the layer inputs are (none on the GPU when they are offloaded), plus the 17 of the
+    # one layer being recomputed. Logits and their softmax add 2 vocab-sized values per token.
+    kept = 0 if cfg.offload_activations else (1 if cfg.checkpointing else 17)
+    working = 17 if cfg.checkpointing else 0
+    activations = tokens * ((L * kept + working) * h * act_bytes + 2 * V * 4)
     gb = lambda b: b / 1024 ** 3
     out = {"weights": gb(weights), "optimizer": gb(optimizer), "activations": gb(activations)}
     out["total"] = sum(out.values())

@@ -71,7 +71,7 @@ def with_adapter(cfg, model):
     if not cfg.adapter or hasattr(model, "peft_config"): return model
     from peft import get_peft_model, prepare_model_for_kbit_training
     if cfg.load_in_4bit or cfg.load_in_8bit:
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=bool(cfg.gradient_checkpointing))
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.checkpointing)
     return get_peft_model(model, lora_config(cfg))
 
 @register_method("process_reward_model", "process reward model: a correct/incorrect verdict at the end of each reasoning step", PRM_PANELS, SFT_RULES)

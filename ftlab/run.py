@@ -137,9 +137,11 @@ def _train(self, max_steps: int | None = None, resume=None, callbacks=()):
     events, stop = event_callback(self.emit), stop_callback()
     self._gen = None  # a model loaded earlier for chat() is not the one about to be trained
     self.trainer = trainer = method.build(cfg, model, self.tokenizer, prepared, [events, *callbacks, stop], **extra)
-    from ftlab.model import apply_kernels, attention_note
+    from ftlab.model import apply_kernels, attention_note, long_context_callback
     for note in (attention_note(cfg), apply_kernels(cfg, trainer.model)):
         if note: self.emit({"event": "note", "step": 0, "message": note})
+    long_ctx = long_context_callback(cfg, self.emit) if cfg.offload_activations or cfg.tiled_mlp else None
+    if long_ctx: trainer.add_callback(long_ctx)
     # ftlab's observers report progress; the trainer's own printing would say it twice.
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
     for cb in (PrinterCallback, ProgressCallback): trainer.remove_callback(cb)
@@ -156,9 +158,12 @@ def _train(self, max_steps: int | None = None, resume=None, callbacks=()):
         self.state = "failed"
         if type(e).__name__ == "OutOfMemoryError":
             raise RunError(f"out of memory at step {trainer.state.global_step}",
-                           fix="lower `micro_batch_size` or `sequence_len`, turn on `gradient_checkpointing`, "
+                           fix="lower `micro_batch_size` or `sequence_len`, turn on `gradient_checkpointing` "
+                               "(for long sequences also `activation_offloading` and `tiled_mlp`), "
                                "or use `adapter: qlora` with `load_in_4bit: true`") from None
         raise
+    finally:
+        if long_ctx: long_ctx.release()   # page-locked host memory is not left behind a failed or stopped run
     step = trainer.state.global_step
     if events.nan_step is not None:
         self.state = "failed"

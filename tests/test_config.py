@@ -244,8 +244,9 @@ def test_notes():
     text = "\n".join(cfg.notes)
     for needle in ["`strict` is an axolotl setting ftlab does not need", "`is_llama_derived_model`",
                    "`lora_r` is set but `adapter` is not", "max_steps: 5 takes precedence", "`trl:` keys (temperature)",
-                   "served by PyTorch SDPA", "`gradient_checkpointing: unsloth` is an axolotl variant"]:
+                   "served by PyTorch SDPA"]:
         assert needle in text, (needle, cfg.notes)
+    assert cfg.offload_activations and "gradient_checkpointing" not in text   # axolotl's offloading variant: supported
     assert "deepspeed" not in text and "sequence_parallel" not in text   # empty / neutral: silently fine
     assert cfg.notes[0].endswith("(line 5)")
     assert load_config(MINIMAL).notes == []
@@ -272,8 +273,8 @@ def test_support_check_is_separate():
 def test_unsupported_names_and_plugins():
     err = errors_of(MINIMAL + "optimizer: ao_adamw_8bit\nlr_scheduler: one_cycle\nplugins:\n"
                     "  - axolotl.integrations.liger.LigerPlugin\n  - axolotl.integrations.cut_cross_entropy.CutCrossEntropyPlugin\n"
-                    "activation_offloading: true\n")
-    assert [p.key for p in err.problems] == ["optimizer", "lr_scheduler", "plugins", "activation_offloading"]
+                    "use_cut_cross_entropy: true\n")
+    assert [p.key for p in err.problems] == ["optimizer", "lr_scheduler", "plugins", "use_cut_cross_entropy"]
     assert "CutCrossEntropyPlugin" in err.problems[2].message and "LigerPlugin" not in err.problems[2].message
     cfg = load_config(MINIMAL + "plugins: [axolotl.integrations.liger.LigerPlugin]\nliger_rms_norm: true\n")
     assert any("LigerPlugin" in n for n in cfg.notes) and cfg.liger_rms_norm is True
