@@ -1425,6 +1425,9 @@ def _cross_checks(cfg: Config, require_datasets: bool, where: _Where | None = No
     if cfg.tiled_mlp and importlib.util.find_spec("liger_kernel") is None:
         err(("tiled_mlp",), "`tiled_mlp` uses Liger-Kernel's tiled MLP, and the liger-kernel package is not installed",
             "`pip install liger-kernel` (or `pip install 'ftlab[kernels]'`), or remove `tiled_mlp`")
+    if cfg.liger_fused_linear_cross_entropy:
+        note(("liger_fused_linear_cross_entropy",), "`liger_fused_linear_cross_entropy`: TRL's trainers already compute the loss "
+             "with their own chunked LM head, which never holds the full logits; Liger's is not used")
     if cfg.tiled_mlp_num_shards and not cfg.tiled_mlp:
         note(("tiled_mlp_num_shards",), "`tiled_mlp_num_shards` has no effect without `tiled_mlp: true`")
     if cfg.gradient_checkpointing_kwargs and not cfg.checkpointing:

@@ -10,8 +10,9 @@ from typing import Callable
 from .errors import FtlabError
 
 # %% auto #0
-__all__ = ['METHODS', 'TRAIN_COLUMNS', 'LOSS_PANEL', 'GRAD_NORM_PANEL', 'SFT_PANELS', 'Panel', 'Method', 'register_method',
-           'get_method', 'steps_per_epoch', 'training_args', 'checkpointing_args', 'trackers', 'build_sft']
+__all__ = ['METHODS', 'LIGER_FLAGS', 'TRAIN_COLUMNS', 'LOSS_PANEL', 'GRAD_NORM_PANEL', 'SFT_PANELS', 'Panel', 'Method',
+           'register_method', 'get_method', 'steps_per_epoch', 'training_args', 'liger_kernel_config',
+           'checkpointing_args', 'trackers', 'build_sft']
 
 # %% ../nbs/09_methods.ipynb #133ea1a1
 @dataclass
@@ -89,8 +90,24 @@ def training_args(cfg, n_train: int, has_eval: bool) -> dict:
     )
     for k in ("adam_beta1", "adam_beta2", "adam_epsilon"):
         if getattr(cfg, k, None) is not None: kw[k] = getattr(cfg, k)
+    liger = liger_kernel_config(cfg)
+    if liger is not None: kw.update(use_liger_kernel=True, liger_kernel_config=liger)
     if dev["cuda"] and cfg.tf32 is not None and cfg.tf32 != "auto": kw["tf32"] = bool(cfg.tf32)
     return kw
+
+# axolotl's Liger flags -> the keyword arguments of Liger's `apply_liger_kernel_to_*` they switch
+LIGER_FLAGS = {"liger_rope": ("rope",), "liger_rms_norm": ("rms_norm",), "liger_rms_norm_gated": ("rms_norm_gated",),
+               "liger_glu_activation": ("swiglu", "geglu"), "liger_layer_norm": ("layer_norm",),
+               "liger_cross_entropy": ("cross_entropy",)}
+
+def liger_kernel_config(cfg) -> dict | None:
+    """Liger's kernels for transformers' `liger_kernel_config`: None when Liger is off; with `use_liger_kernel` alone,
+    Liger's defaults; with axolotl's `liger_*` flags, what they say. Never Liger's fused linear cross-entropy: TRL's
+    trainers compute the loss with their own chunked LM head (faster in bench/results) and refuse Liger's."""
+    flags = {k: getattr(cfg, k) for k in LIGER_FLAGS if getattr(cfg, k, None) is not None}
+    if not (cfg.use_liger_kernel or cfg.dpo_use_liger_kernel or any(flags.values())): return None
+    conf = {name: bool(v) for k, v in flags.items() for name in LIGER_FLAGS[k]}
+    return {**conf, "fused_linear_cross_entropy": False}
 
 def checkpointing_args(on: bool, kwargs: dict | None) -> dict:
     "Activation checkpointing under the name this transformers knows (renamed from gradient_* in 5.18)."
@@ -132,7 +149,7 @@ def build_sft(cfg, model, tokenizer, prepared, callbacks=()):
                      max_length=cfg.sequence_len, packing=bool(cfg.sample_packing), packing_strategy="bfd",
                      padding_free=bool(cfg.sample_packing), dataset_kwargs={"skip_prepare_dataset": False},
                      eval_packing=bool(cfg.eval_sample_packing if cfg.eval_sample_packing is not None else cfg.sample_packing),
-                     remove_unused_columns=False, use_liger_kernel=bool(cfg.use_liger_kernel))
+                     remove_unused_columns=False)
     peft_cfg = lora_config(cfg) if not hasattr(model, "peft_config") else None
     return SFTTrainer(model=model, args=args, train_dataset=train, eval_dataset=evalset,
                       processing_class=tokenizer, peft_config=peft_cfg, callbacks=list(callbacks))

@@ -29,8 +29,6 @@ def preference_args(cfg, train, evalset, **method_kw) -> dict:
     "Keyword arguments of a TRL preference config: the shared training arguments, lengths, and the method's own."
     kw = dict(**training_args(cfg, len(train), evalset is not None), max_length=cfg.sequence_len,
               remove_unused_columns=False, **{k: v for k, v in method_kw.items() if v is not None})
-    # Liger's layer kernels (RMSNorm, RoPE, SwiGLU); the log-probs already come from TRL's chunked LM head
-    if cfg.use_liger_kernel or cfg.dpo_use_liger_kernel: kw["use_liger_kernel"] = True
     return kw
 
 def _peft(cfg, model):

@@ -1,0 +1,52 @@
+"""Liger-Kernel from the config: `use_liger_kernel` and axolotl's `liger_*` flags reach the trainer."""
+import json, subprocess, sys
+
+import pytest
+import torch
+
+from ftlab.config import load_config
+from ftlab.methods import liger_kernel_config, training_args
+
+BASE = "base_model: ftlab:tiny\ndatasets: [{path: ftlab:data/chat.jsonl}]\n"
+
+
+def test_flags_map_to_liger_kernel_config():
+    assert liger_kernel_config(load_config(BASE)) is None
+    assert "use_liger_kernel" not in training_args(load_config(BASE), 10, False)
+    # Liger's own defaults, without its fused linear cross-entropy (TRL's chunked LM head computes the loss)
+    assert liger_kernel_config(load_config(BASE + "use_liger_kernel: true\n")) == {"fused_linear_cross_entropy": False}
+    cfg = load_config(BASE + "plugins: [axolotl.integrations.liger.LigerPlugin]\nliger_rms_norm: true\n"
+                      "liger_glu_activation: false\nliger_rope: true\nliger_fused_linear_cross_entropy: true\n")
+    assert liger_kernel_config(cfg) == {"rms_norm": True, "swiglu": False, "geglu": False, "rope": True,
+                                        "fused_linear_cross_entropy": False}
+    assert any("liger_fused_linear_cross_entropy" in n and "line 7" in n for n in cfg.notes)
+    args = training_args(cfg, 10, False)
+    assert args["use_liger_kernel"] is True and args["liger_kernel_config"]["rms_norm"] is True
+    # every method builds its TRL config from `training_args`, so DPO gets the same
+    assert liger_kernel_config(load_config(BASE + "rl: dpo\ndpo_use_liger_kernel: true\n")) is not None
+
+
+GPU_RUN = """
+import json, sys
+from ftlab.config import load_config
+from ftlab.run import Run
+run = Run(load_config(sys.argv[1]))
+run.train()
+layer = run.trainer.model.get_base_model().model.layers[0]
+where = lambda f: getattr(getattr(f, "__func__", f), "__module__", "")
+print("RESULT", json.dumps([run.state, where(layer.input_layernorm.forward), where(layer.mlp.forward)]))
+"""
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="Liger's Triton kernels need a GPU")
+def test_gpu_training_applies_the_flags(tmp_path):
+    """On the GPU: `liger_rms_norm: true` with `liger_glu_activation: false` puts Liger's RMSNorm in, not its SwiGLU.
+    In a process of its own: Liger patches transformers' Llama module for the whole process."""
+    cfg = (f"base_model: ftlab:tiny\noutput_dir: {tmp_path / 'out'}\n"
+           "datasets: [{path: ftlab:data/chat.jsonl, type: chat_template}]\nadapter: lora\nlora_target_linear: true\n"
+           "max_steps: 2\nsave_steps: 100\nliger_rms_norm: true\nliger_glu_activation: false\n")
+    p = subprocess.run([sys.executable, "-c", GPU_RUN, cfg], capture_output=True, text=True)
+    line = next((l for l in p.stdout.splitlines() if l.startswith("RESULT ")), None)
+    assert line, p.stderr[-3000:]
+    state, norm, mlp = json.loads(line[len("RESULT "):])
+    assert state == "finished" and norm.startswith("liger_kernel") and mlp.startswith("transformers"), (norm, mlp)
