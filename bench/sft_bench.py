@@ -610,6 +610,10 @@ def one_run(a) -> dict:
         if prep: row["model_prepare"] = prep
         rows = make_rows(a.data, (a.warmup + a.steps) * a.batch, a.seq, cfg_json["vocab_size"], seed=a.seed)
         if a.device == "cpu" and a.impl == "liger": cpu_liger_reference_ops(); row["liger_ops"] = "cpu check: PyTorch reference maths"
+        if a.sdpa != "default":   # one attention backend for PyTorch's SDPA in this process, no fallback
+            for name in ("flash", "cudnn", "efficient", "math"):
+                getattr(torch.backends.cuda, f"enable_{'mem_efficient' if name == 'efficient' else name}_sdp")(name == a.sdpa)
+            row["sdpa"] = a.sdpa
         meter = make_meter()
         meter.extra = []
         if a.profile:
@@ -744,6 +748,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--data", choices=["packed", "mix", "learn"], default="packed",
                     help="packed: random ids, rows of exactly seq; mix: length mix packed by TRL; learn: rows of seq "
                          "tokens with a learnable structure (loss curves)")
+    ap.add_argument("--sdpa", choices=["default", "flash", "cudnn", "efficient"], default="default",
+                    help="the only attention backend PyTorch's SDPA may use in this run (default: PyTorch's choice)")
     ap.add_argument("--solo-lora", action="store_true",
                     help="ftlab's fused LoRA without computing q/k/v and gate/up together (one node per projection)")
     ap.add_argument("--profile", default=None, metavar="DIR",
