@@ -66,13 +66,15 @@ class HostBuffers:
     def _drop(self, buf: torch.Tensor):
         self.free = [b for b in self.free if b is not buf]
         if buf.data_ptr() in self.registered:
+            # A copy back to the GPU queued in the last backward may still be reading it: unlike reuse (queued after
+            # that copy on the same stream), unpinning and freeing are not ordered with the GPU's work.
+            torch.cuda.synchronize()
             torch.cuda.cudart().cudaHostUnregister(buf.data_ptr())
             self.registered.remove(buf.data_ptr())
         self.bytes_held -= buf.numel()
 
     def release(self):
         "Give every free buffer back to the system (buffers still holding a layer input are let go when dropped)."
-        if self.registered and torch.cuda.is_available(): torch.cuda.synchronize()
         for b in list(self.free): self._drop(b)
 
 
