@@ -814,7 +814,8 @@ class Config(_Section):
     @property
     def offload_activations(self) -> bool:
         "Whether checkpointed layer inputs wait in CPU memory (`activation_offloading`, `gradient_checkpointing: offload`)."
-        return bool(self.activation_offloading) or self.gradient_checkpointing in ("offload", "unsloth")
+        if self.activation_offloading is not None: return bool(self.activation_offloading)   # an explicit `false` wins
+        return self.gradient_checkpointing in ("offload", "unsloth")
 
     @property
     def checkpointing(self) -> bool:
@@ -1422,9 +1423,15 @@ def _cross_checks(cfg: Config, require_datasets: bool, where: _Where | None = No
     if cfg.activation_offloading and not cfg.gradient_checkpointing:
         note(("activation_offloading",), "`activation_offloading` keeps the inputs that gradient checkpointing saves in CPU memory: "
                                          "gradient checkpointing is turned on with it")
-    if cfg.tiled_mlp and importlib.util.find_spec("liger_kernel") is None:
-        err(("tiled_mlp",), "`tiled_mlp` uses Liger-Kernel's tiled MLP, and the liger-kernel package is not installed",
-            "`pip install liger-kernel` (or `pip install 'ftlab[kernels]'`), or remove `tiled_mlp`")
+    liger_keys = [k for k in ("use_liger_kernel", "dpo_use_liger_kernel", "tiled_mlp", "liger_rope", "liger_rms_norm",
+                              "liger_glu_activation", "liger_layer_norm", "liger_cross_entropy")
+                  if getattr(cfg, k)]
+    if liger_keys and importlib.util.find_spec("liger_kernel") is None:
+        err((liger_keys[0],), f"`{liger_keys[0]}` uses Liger-Kernel, and the liger-kernel package is not installed",
+            f"`pip install liger-kernel` (or `pip install 'ftlab[kernels]'`), or remove `{liger_keys[0]}`")
+    if cfg.liger_rms_norm_gated:
+        note(("liger_rms_norm_gated",), "`liger_rms_norm_gated`: Liger-Kernel's model patches have no gated RMSNorm switch; "
+                                        "nothing changes (the other `liger_*` flags apply)")
     if cfg.liger_fused_linear_cross_entropy:
         note(("liger_fused_linear_cross_entropy",), "`liger_fused_linear_cross_entropy`: TRL's trainers already compute the loss "
              "with their own chunked LM head, which never holds the full logits; Liger's is not used")

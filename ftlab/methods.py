@@ -96,17 +96,19 @@ def training_args(cfg, n_train: int, has_eval: bool) -> dict:
     return kw
 
 # axolotl's Liger flags -> the keyword arguments of Liger's `apply_liger_kernel_to_*` they switch
-LIGER_FLAGS = {"liger_rope": ("rope",), "liger_rms_norm": ("rms_norm",), "liger_rms_norm_gated": ("rms_norm_gated",),
-               "liger_glu_activation": ("swiglu", "geglu"), "liger_layer_norm": ("layer_norm",),
-               "liger_cross_entropy": ("cross_entropy",)}
+# (`liger_rms_norm_gated` has no counterpart there: the config says so when it is set)
+LIGER_FLAGS = {"liger_rope": ("rope",), "liger_rms_norm": ("rms_norm",), "liger_glu_activation": ("swiglu", "geglu"),
+               "liger_layer_norm": ("layer_norm",), "liger_cross_entropy": ("cross_entropy",)}
 
 def liger_kernel_config(cfg) -> dict | None:
     """Liger's kernels for transformers' `liger_kernel_config`: None when Liger is off; with `use_liger_kernel` alone,
-    Liger's defaults; with axolotl's `liger_*` flags, what they say. Never Liger's fused linear cross-entropy: TRL's
-    trainers compute the loss with their own chunked LM head (faster in bench/results) and refuse Liger's."""
+    Liger's defaults; with axolotl's `liger_*` flags, what they say (the others off). Never Liger's fused linear
+    cross-entropy: TRL's trainers compute the loss with their own chunked LM head (faster in bench/results) and
+    refuse Liger's."""
     flags = {k: getattr(cfg, k) for k in LIGER_FLAGS if getattr(cfg, k, None) is not None}
     if not (cfg.use_liger_kernel or cfg.dpo_use_liger_kernel or any(flags.values())): return None
-    conf = {name: bool(v) for k, v in flags.items() for name in LIGER_FLAGS[k]}
+    # as in axolotl, once any flag is written the kernels it does not name stay off
+    conf = {name: bool(flags.get(k)) for k in LIGER_FLAGS for name in LIGER_FLAGS[k]} if flags else {}
     return {**conf, "fused_linear_cross_entropy": False}
 
 def checkpointing_args(on: bool, kwargs: dict | None) -> dict:

@@ -30,21 +30,36 @@ __all__ = ["HostBuffers", "OffloadedCheckpointFunction", "offloaded_checkpoint",
            "apply_offloaded_checkpointing", "apply_tiled_mlp", "remove_tiled_mlp"]
 
 
+def _clear_cuda_error():
+    "Reset the CUDA runtime's last error after a failed call we handled, so the next kernel launch does not report it."
+    try:
+        import ctypes
+        ctypes.CDLL(None).cudaGetLastError()    # the runtime torch loaded; absent symbol: nothing to clear here
+    except Exception:
+        pass
+
+
 class HostBuffers:
-    "Exact-size host buffers for layer inputs, page-locked where the driver allows it, reused across steps."
+    """Exact-size host buffers for layer inputs, page-locked where the driver allows it, reused across steps.
+
+    `release()` gives the free buffers back and starts a new generation: a buffer still held by a slot of an older
+    generation (a failed step's autograd graph kept alive by its traceback) is given back when that slot goes."""
 
     def __init__(self):
         self.free: list[torch.Tensor] = []      # flat uint8 buffers not holding a layer input now
-        self.registered: list[int] = []         # data pointers page-locked by us (unregistered on release)
+        self.registered: list[int] = []         # data pointers page-locked by us (unregistered when dropped)
         self.pin = True
         self.bytes_held = 0                     # all buffers, free or in use
+        self.generation = 0
 
     def _new(self, nbytes: int, cuda: bool) -> torch.Tensor:
         buf = torch.empty(nbytes, dtype=torch.uint8)
         if cuda and self.pin:
             rc = torch.cuda.cudart().cudaHostRegister(buf.data_ptr(), nbytes, 0)
             if int(rc) == 0: self.registered.append(buf.data_ptr())
-            else: self.pin = False              # pageable copies from now on: slower, same result
+            else:                               # pageable copies from now on: slower, same result
+                self.pin = False
+                _clear_cuda_error()
         self.bytes_held += nbytes
         return buf
 
@@ -59,31 +74,40 @@ class HostBuffers:
             self.free = [b for b in self.free if b is not buf]
         else:
             # Lengths grew: buffers too small for this step are let go rather than kept beside the new ones.
-            for b in [b for b in self.free if b.numel() < nbytes]: self._drop(b)
+            self._drop([b for b in self.free if b.numel() < nbytes])
             buf = self._new(nbytes, like.is_cuda)
         return _Slot(self, buf, like)
 
-    def _drop(self, buf: torch.Tensor):
-        self.free = [b for b in self.free if b is not buf]
-        if buf.data_ptr() in self.registered:
-            # A copy back to the GPU queued in the last backward may still be reading it: unlike reuse (queued after
-            # that copy on the same stream), unpinning and freeing are not ordered with the GPU's work.
+    def _drop(self, bufs: list):
+        ids = {id(b) for b in bufs}
+        self.free = [b for b in self.free if id(b) not in ids]
+        if any(b.data_ptr() in self.registered for b in bufs):
+            # A copy back to the GPU queued in the last backward may still be reading them: unlike reuse (queued
+            # after that copy on the same stream), unpinning and freeing are not ordered with the GPU's work.
             torch.cuda.synchronize()
-            torch.cuda.cudart().cudaHostUnregister(buf.data_ptr())
-            self.registered.remove(buf.data_ptr())
-        self.bytes_held -= buf.numel()
+        for b in bufs:
+            if b.data_ptr() in self.registered:
+                torch.cuda.cudart().cudaHostUnregister(b.data_ptr())
+                self.registered.remove(b.data_ptr())
+            self.bytes_held -= b.numel()
+
+    def give_back(self, buf: torch.Tensor, generation: int):
+        "A slot is done with `buf`: keep it for reuse, or let it go if the pool was released since the slot was made."
+        if generation == self.generation: self.free.append(buf)
+        else: self._drop([buf])
 
     def release(self):
-        "Give every free buffer back to the system (buffers still holding a layer input are let go when dropped)."
-        for b in list(self.free): self._drop(b)
+        "Give every free buffer back to the system now, and the ones still held by slots when those are dropped."
+        self._drop(list(self.free))
+        self.generation += 1
 
 
 class _Slot:
-    "One layer input in host memory: `restore(device)` brings it back; dropping the slot frees the buffer for reuse."
+    "One layer input in host memory: `restore()` brings it back; dropping the slot gives the buffer back to the pool."
 
     def __init__(self, pool: HostBuffers, buf: torch.Tensor, x: torch.Tensor):
-        self.pool, self.buf = pool, buf
-        self.shape, self.dtype, self.device = x.shape, x.dtype, x.device
+        self.pool, self.buf, self.generation = pool, buf, pool.generation
+        self.device = x.device
         nbytes = x.numel() * x.element_size()
         self.host = buf[:nbytes].view(x.dtype).view(x.shape)
         # Stream-ordered: the copy runs after the kernels that made `x`, and any later reuse of this buffer (the next
@@ -94,8 +118,11 @@ class _Slot:
         return self.host.to(self.device, non_blocking=self.pool.is_pinned(self.buf))
 
     def __del__(self):
-        try: self.pool.free.append(self.buf)
-        except Exception: pass                  # interpreter shutdown
+        try:
+            del self.host
+            self.pool.give_back(self.buf, self.generation)
+        except Exception:
+            pass                                # interpreter shutdown
 
 
 HOST_BUFFERS = HostBuffers()
@@ -153,11 +180,12 @@ _ANCHORS: dict = {}
 
 def offloaded_checkpoint(function, x, *rest, **checkpoint_kwargs):
     """A drop-in `_gradient_checkpointing_func` for transformers' layers: `function(x, *rest)` checkpointed with `x`
-    kept in host memory. Falls back to torch's checkpoint when another positional input needs a gradient (only the
-    layer input is offloaded)."""
-    if not torch.is_tensor(x) or any(torch.is_tensor(r) and r.requires_grad for r in rest):
+    kept in host memory. Falls back to torch's checkpoint when another input needs a gradient (only the layer input
+    is offloaded)."""
+    keywords = getattr(function, "keywords", None) or {}     # transformers passes the layer's kwargs in a partial
+    if not torch.is_tensor(x) or any(torch.is_tensor(r) and r.requires_grad for r in (*rest, *keywords.values())):
         from torch.utils.checkpoint import checkpoint
-        return checkpoint(function, x, *rest, use_reentrant=False)
+        return checkpoint(function, x, *rest, **{"use_reentrant": False, **checkpoint_kwargs})
     anchor = _ANCHORS.get(x.device)
     if anchor is None: anchor = _ANCHORS[x.device] = torch.empty(0, device=x.device, requires_grad=True)
     return OffloadedCheckpointFunction.apply(function, anchor, x, *rest)
@@ -180,35 +208,44 @@ def _dense_mlps(model):
         if name.endswith(".mlp") and all(hasattr(m, p) for p in ("gate_proj", "up_proj", "down_proj")): yield m
 
 
-def apply_tiled_mlp(model, num_shards: int | None = None) -> int:
-    """Run each decoder layer's dense MLP over slices of the sequence (Liger-Kernel's tiled MLP): `num_shards`
-    slices, or by default as many as make each slice about `hidden_size` tokens long. Wraps the MLP's current
-    `forward` (so kernels already patched in stay), only while gradients are recorded. Returns the MLPs wrapped."""
+def _tiled_forward(self, x, *args, **kwargs):
+    """An MLP's forward over slices of its tokens. Batch and sequence are flattened first, so the slices are the same
+    rows in Liger's forward and backward passes whatever the batch size. Without gradients (evaluation, or the
+    forward of an offloaded checkpoint) the slices run one after another; with them, Liger's tiled function keeps
+    only the input and recomputes each slice in the backward, with the random and autocast state that slice had."""
+    inner = self._ftlab_untiled[0]
+    if args or kwargs or x.dim() < 2: return inner(x, *args, **kwargs)
+    flat = x.reshape(-1, x.shape[-1])
+    shards = min(self._ftlab_tile_shards or math.ceil(flat.shape[0] / flat.shape[1]), flat.shape[0])
+    if shards <= 1: return inner(x)
+    if not torch.is_grad_enabled():
+        return torch.cat([inner(rows) for rows in flat.chunk(shards, dim=0)], dim=0).view(*x.shape[:-1], -1)
     from liger_kernel.ops.tiled_mlp import apply_tiled_mlp as liger_tiled
+    states = []
+
+    def slice_forward(_module, rows):
+        # Liger runs the slices in order without gradients, then again in the same order in the backward:
+        # record each slice's state on the first pass and replay it on the second.
+        if not torch.is_grad_enabled():
+            states.append(_ForwardState(rows.device))
+            return inner(rows)
+        with states.pop(0).replay():
+            return inner(rows)
+
+    return liger_tiled(slice_forward, self, flat, num_shards=shards).view(*x.shape[:-1], -1)
+
+
+def apply_tiled_mlp(model, num_shards: int | None = None) -> int:
+    """Run each decoder layer's dense MLP over slices of its tokens (Liger-Kernel's tiled MLP when gradients are
+    recorded): `num_shards` slices, or by default as many as make each slice about `hidden_size` tokens. Wraps the
+    MLP's current `forward` (so kernels already patched in stay). Returns the number of MLPs wrapped."""
+    import liger_kernel.ops.tiled_mlp  # noqa: F401  (fail here, not in the middle of a step, when it is missing)
     n = 0
     for mlp in _dense_mlps(model):
         if getattr(mlp, "_ftlab_untiled", None) is not None: continue
-        inner = mlp.forward
-
-        def tiled(self, x, *args, _inner=inner, **kwargs):
-            if args or kwargs or not torch.is_grad_enabled() or x.dim() < 2: return _inner(x, *args, **kwargs)
-            shards = num_shards or math.ceil(x.shape[-2] / x.shape[-1])
-            if shards <= 1: return _inner(x)
-            states = []
-
-            def shard(_m, xs):
-                # Liger runs the slices in order without gradients, then again in the same order in the backward:
-                # record each slice's state on the first pass and replay it on the second (dropout, autocast).
-                if not torch.is_grad_enabled():
-                    states.append(_ForwardState(xs.device))
-                    return _inner(xs)
-                with states.pop(0).replay():
-                    return _inner(xs)
-
-            return liger_tiled(shard, self, x, num_shards=shards)
-
-        mlp._ftlab_untiled = (inner, "forward" in mlp.__dict__)   # an instance patch (Liger's) to put back, or none
-        mlp.forward = types.MethodType(tiled, mlp)
+        mlp._ftlab_untiled = (mlp.forward, "forward" in mlp.__dict__)   # an instance patch (Liger's) to put back, or none
+        mlp._ftlab_tile_shards = num_shards
+        mlp.forward = types.MethodType(_tiled_forward, mlp)
         n += 1
     return n
 

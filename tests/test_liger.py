@@ -17,8 +17,16 @@ def test_flags_map_to_liger_kernel_config():
     assert liger_kernel_config(load_config(BASE + "use_liger_kernel: true\n")) == {"fused_linear_cross_entropy": False}
     cfg = load_config(BASE + "plugins: [axolotl.integrations.liger.LigerPlugin]\nliger_rms_norm: true\n"
                       "liger_glu_activation: false\nliger_rope: true\nliger_fused_linear_cross_entropy: true\n")
+    # as in axolotl: the flags not written stay off
     assert liger_kernel_config(cfg) == {"rms_norm": True, "swiglu": False, "geglu": False, "rope": True,
+                                        "layer_norm": False, "cross_entropy": False,
                                         "fused_linear_cross_entropy": False}
+    # every name is one of Liger's: transformers drops unknown ones silently, so a misspelt name would do nothing
+    import inspect
+    import liger_kernel.transformers.monkey_patch as mp
+    liger_names = set().union(*(inspect.signature(f).parameters for n, f in vars(mp).items()
+                                if n.startswith("apply_liger_kernel_to_") and callable(f)))
+    assert set(liger_kernel_config(cfg)) <= liger_names, set(liger_kernel_config(cfg)) - liger_names
     assert any("liger_fused_linear_cross_entropy" in n and "line 7" in n for n in cfg.notes)
     args = training_args(cfg, 10, False)
     assert args["use_liger_kernel"] is True and args["liger_kernel_config"]["rms_norm"] is True
@@ -50,3 +58,14 @@ def test_gpu_training_applies_the_flags(tmp_path):
     assert line, p.stderr[-3000:]
     state, norm, mlp = json.loads(line[len("RESULT "):])
     assert state == "finished" and norm.startswith("liger_kernel") and mlp.startswith("transformers"), (norm, mlp)
+
+
+def test_liger_keys_without_the_package_are_one_clear_error(monkeypatch):
+    import importlib.util
+    from ftlab.errors import ConfigError
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "liger_kernel" else real(name, *a))
+    for key in ("use_liger_kernel", "liger_rms_norm", "tiled_mlp"):
+        with pytest.raises(ConfigError) as e:
+            load_config(BASE + f"{key}: true\n")
+        assert key in str(e.value) and "pip install liger-kernel" in str(e.value) and "line 3" in str(e.value)

@@ -127,6 +127,44 @@ def test_tiled_mlp_replays_dropout_in_its_recomputation():
     assert not torch.allclose(mlp(x).detach(), got[0])        # dropout is really on
 
 
+def test_offload_and_tiled_mlp_with_dropout_and_a_batch_give_the_tiled_models_gradients():
+    """Offloaded checkpointing with the tiled MLP, dropout on, two sequences per batch: the forward under no_grad
+    slices the MLP as the recomputation does, so the gradients are exactly those of the tiled model without
+    checkpointing (same slices, same masks)."""
+    tiled = _peft_model("lora_dropout: 0.2\n").train()
+    tiled.enable_input_require_grads()
+    apply_tiled_mlp(tiled, num_shards=3)
+    both = copy.deepcopy(tiled)
+    enable_checkpointing(both)
+    apply_offloaded_checkpointing(both)
+    (l0, g0), (l1, g1) = _step(tiled), _step(both)
+    assert l0 == l1 and _max_diff(g0, g1) == 0.0
+    assert HOST_BUFFERS.bytes_held > 0                        # the offloading really ran
+
+
+def test_tiled_mlp_slices_short_batches_and_copies():
+    "More slices asked for than a short batch has rows per sequence, and a deep copy that must call its own MLPs."
+    ref = _peft_model("lora_dropout: 0\n").train()
+    tiled = copy.deepcopy(ref)
+    apply_tiled_mlp(tiled, num_shards=4)
+    copied = copy.deepcopy(tiled)
+    (l0, g0), (l1, g1), (l2, g2) = _step(ref, seq=5), _step(tiled, seq=5), _step(copied, seq=5)
+    assert abs(l0 - l1) < 1e-6 and _max_diff(g0, g1) < 1e-5 and l1 == l2 and _max_diff(g1, g2) == 0.0
+    with torch.no_grad():                                      # evaluation slices too, and gives the same output
+        ids = torch.randint(4, 1024, (3, 7), generator=torch.Generator().manual_seed(1))
+        assert torch.allclose(ref.eval()(input_ids=ids).logits, tiled.eval()(input_ids=ids).logits, atol=1e-5)
+
+
+def test_host_buffers_held_by_a_failed_step_are_given_back_after_release():
+    "A step that failed keeps its graph (and its host buffers) alive in the traceback past `release()`."
+    pool = lc.HostBuffers()
+    slot = pool.take(torch.ones(10))
+    pool.release()                                             # the run ended while the slot was alive
+    assert pool.bytes_held == 40 and pool.free == []
+    del slot
+    assert pool.bytes_held == 0 and pool.free == []            # let go, not put back on the free list
+
+
 def test_config_keys_for_long_sequences():
     base = "base_model: ftlab:tiny\ndatasets: [{path: ftlab:data/chat.jsonl}]\n"
     cfg = load_config(base + "gradient_checkpointing: offload\n")
@@ -187,3 +225,9 @@ def test_gpu_offload_and_tiled_mlp_in_bf16_autocast():
         assert HOST_BUFFERS.registered, "the host buffers should be page-locked on a CUDA machine"
         if dropout: assert l0 == l1 and _max_diff(g0, g1) == 0.0
         else: assert abs(l0 - l1) < 1e-2 and all(torch.allclose(g0[k], g1[k], rtol=2e-2, atol=2e-3) for k in g0)
+
+
+def test_explicit_false_turns_axolotls_offload_variant_off():
+    cfg = load_config("base_model: ftlab:tiny\ndatasets: [{path: ftlab:data/chat.jsonl}]\n"
+                      "gradient_checkpointing: offload\nactivation_offloading: false\n")
+    assert cfg.checkpointing and not cfg.offload_activations
