@@ -45,7 +45,8 @@ class Plan:
                      + f" · {self.tokens:,} tokens, {self.trained_tokens:,} trained"),
             ("batch", f"effective {self.effective_batch} · {self.steps_per_epoch} steps/epoch · {self.total_steps} steps"),
             ("memory (est.)", f"≈ {mem.get('total', 0):.2f} GB = weights {mem.get('weights', 0):.2f} + optimizer & grads "
-                              f"{mem.get('optimizer', 0):.2f} + activations {mem.get('activations', 0):.2f}"),
+                              f"{mem.get('optimizer', 0):.2f} + activations {mem.get('activations', 0):.2f}"
+                              + (f" · CPU memory for offloaded activations {mem['host']:.2f} GB" if "host" in mem else "")),
         ]
 
     def __str__(self):
@@ -109,6 +110,7 @@ def estimate_memory(cfg, mcfg, trainable: int, total: int, dtype: str) -> dict:
     gb = lambda b: b / 1024 ** 3
     out = {"weights": gb(weights), "optimizer": gb(optimizer), "activations": gb(activations)}
     out["total"] = sum(out.values())
+    if cfg.offload_activations: out["host"] = gb(tokens * L * h * act_bytes)   # CPU memory: the offloaded layer inputs
     return out
 
 # %% ../nbs/15_plan.ipynb #c3caafdb
