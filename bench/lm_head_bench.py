@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -78,12 +79,12 @@ def main(argv=None):
     for n in [int(x) for x in a.tokens.split(",")]:
         for name, fn in impls().items():
             try: r = measure(fn, n, a.hidden, a.vocab)
-            except torch.OutOfMemoryError as e: r = {"error": "out of memory"}
+            except torch.OutOfMemoryError: r = {"error": "out of memory"}
             torch.cuda.empty_cache()
             rows.append({"tokens": n, "impl": name, **r})
             print(json.dumps(rows[-1]), flush=True)
     out = Path(a.out); out.mkdir(parents=True, exist_ok=True)
-    cmd = "python bench/lm_head_bench.py " + " ".join(argv if argv is not None else os.sys.argv[1:])
+    cmd = "python bench/lm_head_bench.py " + " ".join(argv if argv is not None else sys.argv[1:])
     (out / "lm_head.json").write_text(json.dumps({"command": cmd, "gpu": torch.cuda.get_device_name(0), "rows": rows}, indent=1))
     md = [f"### `{cmd}`\n", f"{torch.cuda.get_device_name(0)}, hidden {a.hidden}, vocab {a.vocab:,}, bf16, frozen head "
           "weight; forward + backward of the mean token loss, median of 10.\n",

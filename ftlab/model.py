@@ -152,7 +152,7 @@ def apply_long_context(cfg, model) -> str | None:
     return "; ".join(parts) or None
 
 def long_context_callback(cfg, emit):
-    "A TrainerCallback that applies `apply_long_context` when training begins and frees the host buffers at its end."
+    "A TrainerCallback that applies `apply_long_context` when training begins; `release()` frees the host buffers."
     from transformers import TrainerCallback
     from ftlab.kernels.long_context import HOST_BUFFERS
 
@@ -161,9 +161,7 @@ def long_context_callback(cfg, emit):
             note = apply_long_context(cfg, model)
             if note: emit({"event": "note", "step": state.global_step, "message": note})
 
-        def on_train_end(self, args, state, control, **kw): self.release()
-
         @staticmethod
-        def release(): HOST_BUFFERS.release()
+        def release(): HOST_BUFFERS.release()   # the run calls it when training ends, however it ends
 
     return LongContextCallback()

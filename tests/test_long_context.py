@@ -173,8 +173,8 @@ def test_config_keys_for_long_sequences():
     assert cfg.offload_activations and cfg.checkpointing
     assert any("activation_offloading" in n and "turned on" in n for n in cfg.notes)
     from ftlab.methods import training_args
-    assert training_args(cfg, 10, False)["gradient_checkpointing" if "gradient_checkpointing" in
-                                         training_args(cfg, 10, False) else "activation_checkpointing"] is True
+    args = training_args(cfg, 10, False)   # the key's name depends on the transformers version
+    assert args.get("activation_checkpointing", args.get("gradient_checkpointing")) is True
     cfg = load_config(base + "tiled_mlp_num_shards: 4\n")
     assert any("tiled_mlp_num_shards" in n for n in cfg.notes)
     with pytest.raises(ConfigError) as e:
