@@ -6,11 +6,11 @@
 from __future__ import annotations
 import argparse, math, sys
 from .errors import FtlabError
-from .events import figures
+from .events import format_record
 
 # %% auto #0
-__all__ = ['VLLM_MISSING', 'COMMANDS', 'cmd_validate', 'cmd_preprocess', 'format_record', 'cmd_train', 'vllm_serve_command',
-           'cmd_vllm_serve', 'main']
+__all__ = ['VLLM_MISSING', 'COMMANDS', 'cmd_validate', 'cmd_preprocess', 'cmd_train', 'vllm_serve_command', 'cmd_vllm_serve',
+           'main']
 
 # %% ../nbs/12_cli.ipynb #f9494584
 def _parser() -> argparse.ArgumentParser:
@@ -52,8 +52,7 @@ def cmd_validate(args) -> int:
 
 def cmd_preprocess(args) -> int:
     from ftlab.run import Run
-    from ftlab.masks import render_ansi
-    from ftlab.maskview import row_kind, sample_from, sample_lines
+    from ftlab.maskview import sample_from, sample_lines
     run = Run(_load(args))
     p = run.prepare()
     print(f"prepared {'(from cache) ' if p.cached else ''}{p.report.summary()}")
@@ -61,44 +60,20 @@ def cmd_preprocess(args) -> int:
     for w in p.warnings(): print(f"warning: {w}")
     if args.debug:
         color = sys.stdout.isatty()
-        for i in range(min(args.samples, len(p.train))):
-            ex = p.train[i]
-            if row_kind(ex) == "sft":
-                print(f"\n── sample {i} ({ex['source']} row {ex['row']})")
-                print(render_ansi(ex["input_ids"], ex["labels"], run.tokenizer, color=color))
-            else:   # pairs, KTO rows and steps: the mask viewer's text form, with its header (side counts, label)
-                print("\n" + "\n".join(sample_lines(sample_from(ex, run.tokenizer, f"sample {i}"), None, color)))
+        for i in range(min(args.samples, len(p.train))):   # the mask viewer's text form, its header first
+            print("\n" + "\n".join(sample_lines(sample_from(p.train[i], run.tokenizer, f"sample {i}"), None, color)))
     return 0
 
 # %% ../nbs/12_cli.ipynb #a3a20ab7
-def format_record(r: dict) -> str | None:
-    "A terminal line for one event record (None for events not worth a line)."
-    e = r.get("event")
-    if e == "log":
-        parts = [f"step {r['step']}"]
-        if r.get("loss") is not None: parts.append(f"loss {r['loss']:.4f}")
-        parts += figures(r)
-        for k, label, fmt in [("learning_rate", "lr", ".2e"), ("grad_norm", "grad", ".3f"), ("tokens_per_second", "tok/s", ".0f")]:
-            if r.get(k) is not None: parts.append(f"{label} {r[k]:{fmt}}")
-        return " · ".join(parts)
-    if e == "eval":
-        parts = [f"step {r['step']} · eval_loss {r.get('eval_loss', float('nan')):.4f}"]
-        parts += figures(r, "eval_")
-        return " · ".join(parts)
-    if e == "warning": return f"warning: {r['message']}"
-    if e == "note": return f"note: {r['message']}"
-    if e == "health": return f"health (step {r['step']}): {r['message']} → {r['fix']}"
-    if e in ("interrupted",): return r["message"]
-    if e == "start": return f"training: {r['max_steps']} steps" + (f" (from step {r['step']})" if r.get("step") else "")
-    if e == "save": return f"saved {r['checkpoint']}"
-    return None
-
 def cmd_train(args) -> int:
     from ftlab.run import Run
+    from ftlab.methods import get_method
+    cfg = _load(args)
+    headline = get_method(cfg).figures
     def show(r):
-        line = format_record(r)
+        line = format_record(r, headline)
         if line: print(line, flush=True)
-    run = Run(_load(args), observers=[show])
+    run = Run(cfg, observers=[show])
     run.train(max_steps=args.max_steps, resume=True if args.resume else None)
     losses = [l for l in run.history.get("loss", []) if l is not None and not math.isnan(l)]
     if run.state == "finished":
@@ -139,7 +114,7 @@ def vllm_serve_command(cfg) -> tuple[list[str], dict, list[str]]:
     notes = [f"`vllm.{k}` is not used by `ftlab vllm-serve`" for k in ("device", "serve_module", "worker_extension_cls")
              if getattr(v, k) is not None]
     if t is not None and t.use_vllm and (t.vllm_mode or "colocate") == "server":
-        from ftlab.grpo import vllm_url
+        from ftlab.methods.grpo import vllm_url
         here = f"http://{'127.0.0.1' if host == '0.0.0.0' else host}:{port}"
         if vllm_url(cfg) != here:
             notes.append(f"training will look for the server at {vllm_url(cfg)}, but this one listens on {here}: "

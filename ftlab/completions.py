@@ -4,11 +4,46 @@
 
 # %% ../nbs/25_completions.ipynb #3203025e
 from __future__ import annotations
-import html
+import html, json, os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 # %% auto #0
-__all__ = ['CompletionsView', 'completions_view']
+__all__ = ['COMPLETIONS_FILE', 'COMPLETIONS_KEPT_STEPS', 'COMPLETIONS_FIRST_STEPS', 'store_completions', 'read_completions',
+           'CompletionsView', 'completions_view']
+
+# %% ../nbs/25_completions.ipynb #a18460b5
+COMPLETIONS_FILE = "completions.jsonl"
+COMPLETIONS_KEPT_STEPS = 50     # the first COMPLETIONS_FIRST_STEPS logged steps (the "before") and the newest ones
+COMPLETIONS_FIRST_STEPS = 5
+
+def _text(x):
+    "A prompt or completion as text (messages joined by role)."
+    if isinstance(x, list): return "\n".join(f"{m.get('role', '')}: {m.get('content', '')}" if len(x) > 1 else str(m.get("content", "")) for m in x)
+    return str(x)
+
+def store_completions(output_dir, step: int, logs: dict, keep_steps: int = COMPLETIONS_KEPT_STEPS) -> int:
+    "Append one step's completions to the run's completions.jsonl, keeping the newest `keep_steps` steps; rows written."
+    prompts, completions = list(logs.get("prompt", [])), list(logs.get("completion", []))
+    if not completions: return 0
+    rewards = {k: list(v) for k, v in logs.get("rewards", {}).items()}
+    adv = list(logs.get("advantages", []))
+    num = lambda v: None if v is None or v != v else round(float(v), 6)
+    rows = [{"step": step, "prompt": _text(p), "completion": _text(c),
+             "rewards": {k: num(v[i]) if i < len(v) else None for k, v in rewards.items()},
+             "advantage": num(adv[i]) if i < len(adv) else None} for i, (p, c) in enumerate(zip(prompts, completions))]
+    path = Path(output_dir) / COMPLETIONS_FILE
+    old = [json.loads(l) for l in path.read_text().splitlines() if l.strip()] if path.exists() else []
+    steps = sorted({r["step"] for r in old} | {step})
+    steps = steps[:COMPLETIONS_FIRST_STEPS] + steps[COMPLETIONS_FIRST_STEPS:][-(keep_steps - COMPLETIONS_FIRST_STEPS):]
+    kept = [r for r in old if r["step"] in steps and r["step"] != step] + rows
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in kept)); os.replace(tmp, path)
+    return len(rows)
+
+def read_completions(output_dir) -> list[dict]:
+    path = Path(output_dir) / COMPLETIONS_FILE
+    return [json.loads(l) for l in path.read_text().splitlines() if l.strip()] if path.exists() else []
 
 # %% ../nbs/25_completions.ipynb #74d07ee9
 _CELL = "padding:3px 6px;border-bottom:1px solid #8883;vertical-align:top;text-align:left"

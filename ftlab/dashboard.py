@@ -6,7 +6,7 @@
 from __future__ import annotations
 import html, time, uuid
 from .charts import Chart
-from .events import figures
+from .events import figures, format_record
 
 # %% auto #0
 __all__ = ['URGENT', 'in_notebook', 'Dashboard', 'status', 'status_text', 'status_html']
@@ -29,8 +29,9 @@ URGENT = {"start", "eval", "warning", "health", "interrupted", "end", "save"}
 
 class Dashboard:
     "Observer that draws a run live. `rich=None` picks rich display in a notebook kernel and text elsewhere."
-    def __init__(self, panels, title: str = "", records=None, min_interval: float = 1.0, rich: bool | None = None):
-        self.panels, self.title, self.min_interval = panels, title, min_interval
+    def __init__(self, panels, title: str = "", records=None, min_interval: float = 1.0, rich: bool | None = None,
+                 figures=()):
+        self.panels, self.title, self.min_interval, self.figures = panels, title, min_interval, list(figures)
         self.records = list(records or [])
         self.rich = in_notebook() if rich is None else rich
         uid = uuid.uuid4().hex[:8]
@@ -41,15 +42,15 @@ class Dashboard:
     def for_run(cls, run, history: bool = True, **kw):
         "A dashboard with the run's panels, starting from its logged history (or from nothing)."
         from ftlab.methods import get_method
-        return cls(get_method(run.cfg).panels, f"{run.cfg.method} · {run.cfg.base_model}",
-                   run.records if history else [], **kw)
+        m = get_method(run.cfg)
+        return cls(m.panels, f"{run.cfg.method} · {run.cfg.base_model}", run.records if history else [],
+                   figures=m.figures, **kw)
 
     def __call__(self, record: dict):
         t = time.perf_counter()
         self.records.append(record)
         if not self.rich:
-            from ftlab.cli import format_record
-            line = format_record(record)
+            line = format_record(record, self.figures)
             if line: print(line, flush=True)
         elif record.get("event") in URGENT or time.perf_counter() - self.last_draw >= self.min_interval:
             self.draw()
@@ -60,8 +61,8 @@ class Dashboard:
         if self.rich: self.draw()
 
 # %% ../nbs/18_dashboard.ipynb #1cb0e674
-def status(records: list[dict]) -> dict:
-    "The run's state as numbers and messages, from its records alone."
+def status(records: list[dict], headline=()) -> dict:
+    "The run's state as numbers and messages, from its records alone (`headline`: the method's figures)."
     starts = [r for r in records if r.get("event") == "start"]
     logs = [r for r in records if r.get("event") == "log"]
     last = logs[-1] if logs else {}
@@ -75,7 +76,7 @@ def status(records: list[dict]) -> dict:
     return dict(step=step, total=total, epoch=last.get("epoch"), elapsed=t, eta=eta, loss=last.get("loss"),
                 eval_loss=evals[-1]["eval_loss"] if evals else None, tps=last.get("tokens_per_second"),
                 notices=[r for r in records if r.get("event") in ("note", "warning", "health")], end=end,
-                figures=figures(last), eval_figures=figures(evals[-1], "eval_") if evals else [])
+                figures=figures(last, headline), eval_figures=figures(evals[-1], headline, "eval_") if evals else [])
 
 def status_text(st: dict) -> str:
     parts = [f"step {st['step']}" + (f"/{st['total']}" if st["total"] else "")]
@@ -117,7 +118,7 @@ def status_html(st: dict) -> str:
 
 def _draw(self):
     from IPython.display import display, update_display
-    st = status(self.records)
+    st = status(self.records, self.figures)
     bundles = {"status": {"text/html": status_html(st), "text/plain": status_text(st)},
                "chart": Chart(self.records, self.panels, self.title).bundle()}
     for key in ("status", "chart"):

@@ -8,8 +8,7 @@ import json, math, time
 from pathlib import Path
 
 # %% auto #0
-__all__ = ['METRICS_FILE', 'METHOD_FIGURES', 'MetricsLog', 'read_metrics', 'history', 'figures', 'event_callback',
-           'stop_callback']
+__all__ = ['METRICS_FILE', 'MetricsLog', 'read_metrics', 'history', 'figures', 'format_record', 'event_callback', 'stop_callback']
 
 # %% ../nbs/10_events.ipynb #8c96b378
 METRICS_FILE = "metrics.jsonl"
@@ -48,12 +47,32 @@ def history(records: list[dict], events=("log", "eval")) -> list[dict]:
     return sorted(seen.values(), key=lambda r: (r.get("step") or 0, r["event"]))
 
 # %% ../nbs/10_events.ipynb #93780b05
-METHOD_FIGURES = [("reward", "reward", ".3f"), ("rewards/margins", "margin", ".3f"), ("rewards/accuracies", "acc", ".2f"), ("kl", "kl", ".3f"),
-                  ("accuracy", "pair acc", ".2f"), ("step_accuracy", "step acc", ".2f")]
+def figures(record: dict, headline=(), prefix: str = "") -> list[str]:
+    """A method's headline numbers (`[(metric, label, format)]`, its entry's `figures`) in a log record, or with
+    `prefix='eval_'` an eval record, as `label value` texts."""
+    return [f"{label} {record[prefix + k]:{fmt}}" for k, label, fmt in headline if record.get(prefix + k) is not None]
 
-def figures(record: dict, prefix: str = "") -> list[str]:
-    "The method's headline numbers in a log (or, with `prefix='eval_'`, an eval) record, as `label value` texts."
-    return [f"{label} {record[prefix + k]:{fmt}}" for k, label, fmt in METHOD_FIGURES if record.get(prefix + k) is not None]
+def format_record(r: dict, headline=()) -> str | None:
+    "A terminal line for one event record (None for events not worth a line); `headline`: the method's figures."
+    e = r.get("event")
+    if e == "log":
+        parts = [f"step {r['step']}"]
+        if r.get("loss") is not None: parts.append(f"loss {r['loss']:.4f}")
+        parts += figures(r, headline)
+        for k, label, fmt in [("learning_rate", "lr", ".2e"), ("grad_norm", "grad", ".3f"), ("tokens_per_second", "tok/s", ".0f")]:
+            if r.get(k) is not None: parts.append(f"{label} {r[k]:{fmt}}")
+        return " · ".join(parts)
+    if e == "eval":
+        parts = [f"step {r['step']} · eval_loss {r.get('eval_loss', float('nan')):.4f}"]
+        parts += figures(r, headline, "eval_")
+        return " · ".join(parts)
+    if e == "warning": return f"warning: {r['message']}"
+    if e == "note": return f"note: {r['message']}"
+    if e == "health": return f"health (step {r['step']}): {r['message']} → {r['fix']}"
+    if e in ("interrupted",): return r["message"]
+    if e == "start": return f"training: {r['max_steps']} steps" + (f" (from step {r['step']})" if r.get("step") else "")
+    if e == "save": return f"saved {r['checkpoint']}"
+    return None
 
 # %% ../nbs/10_events.ipynb #1b0bc206
 def event_callback(emit):

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field, asdict
 from .strategies import IGNORE, special_ids
 
 # %% auto #0
-__all__ = ['ANSI', 'sequences', 'is_prompt_row', 'trains', 'MaskReport', 'token_view', 'visible', 'render_ansi']
+__all__ = ['ANSI', 'sequences', 'is_prompt_row', 'trains', 'MaskReport', 'token_view', 'visible']
 
 # %% ../nbs/06_masks.ipynb #74828e0e
 def sequences(ex: dict) -> list[tuple[str, list[int], list[int]]]:
@@ -112,14 +112,3 @@ def visible(text: str) -> str:
     return text.replace("\t", "→").replace("\n", "↵\n")
 
 ANSI = {"trained": "\x1b[1;32m", "masked": "\x1b[2;37m", "special": "\x1b[1;35m"}
-
-def render_ansi(input_ids, labels, tokenizer, color: bool = True) -> str:
-    "A sample with trained tokens green, untrained grey and untrained specials magenta (`[...]` marks trained without colour)."
-    view, parts = token_view(input_ids, labels, tokenizer), []
-    for t in view:
-        s = visible(t["text"])
-        parts.append(f"{ANSI[t['kind']]}{s}\x1b[0m" if color else (f"[{s}]" if t["kind"] == "trained" else s))
-    n = sum(t["kind"] == "trained" for t in view)
-    legend = (f"{ANSI['trained']}trained\x1b[0m {ANSI['masked']}not trained\x1b[0m {ANSI['special']}special\x1b[0m"
-              if color else "[trained] · not trained")
-    return "".join(parts) + f"\n── {n}/{len(input_ids)} tokens trained · {legend}"

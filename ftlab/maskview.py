@@ -336,7 +336,7 @@ class MaskView:
     def _repr_html_(self) -> str: return self.html
 
     def text(self, color: bool = False) -> str:
-        "Plain text (trained runs in [brackets]) or, with `color`, ANSI colours as in `render_ansi`."
+        "Plain text (trained runs in [brackets]) or, with `color`, ANSI colours (`ftlab.masks.ANSI`)."
         out = [self.title] if self.title else []
         out += [f"⚠ {w}" for w in self.warnings]
         out.append(f"── {self.summary()} · {_legend_text(self.kinds, color)}")

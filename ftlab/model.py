@@ -5,12 +5,12 @@
 # %% ../nbs/08_model.ipynb #e1877cd0
 from __future__ import annotations
 from .errors import FtlabError
-from .tokenizer import model_path, _load_error
+from .tokenizer import model_path, load_error
 
 # %% auto #0
-__all__ = ['MODEL_HEADS', 'KERNEL_KEYS', 'device_info', 'torch_dtype', 'attn_implementation', 'attention_note',
-           'quantization_config', 'model_head', 'load_model', 'lora_config', 'load_adapter', 'apply_kernels',
-           'count_parameters', 'apply_long_context', 'long_context_callback']
+__all__ = ['KERNEL_KEYS', 'device_info', 'training_dtype', 'torch_dtype', 'attn_implementation', 'attention_note',
+           'quantization_config', 'load_model', 'lora_config', 'load_adapter', 'apply_kernels', 'count_parameters',
+           'apply_long_context', 'long_context_callback']
 
 # %% ../nbs/08_model.ipynb #a4f255bd
 def device_info() -> dict:
@@ -20,10 +20,14 @@ def device_info() -> dict:
     return dict(cuda=cuda, bf16=bool(cuda and torch.cuda.is_bf16_supported()),
                 name=torch.cuda.get_device_name(0) if cuda else "cpu")
 
+def training_dtype(cfg) -> str:
+    "The precision a run trains in on this machine: 'bfloat16', 'float16' or 'float32' (`bf16: auto` resolved here)."
+    d = device_info()
+    return cfg.resolved_dtype(cuda_available=d["cuda"], bf16_supported=d["bf16"])
+
 def torch_dtype(cfg):
     import torch
-    d = device_info()
-    return getattr(torch, cfg.resolved_dtype(cuda_available=d["cuda"], bf16_supported=d["bf16"]))
+    return getattr(torch, training_dtype(cfg))
 
 def attn_implementation(cfg) -> str | None:
     "The attention kernel: the config's choice, with flash-attention falling back to SDPA where it cannot run."
@@ -43,32 +47,24 @@ def attention_note(cfg) -> str | None:
         return f"`flash_attention: true` but {why}: using PyTorch's SDPA attention instead"
     return None
 
-def quantization_config(cfg, dtype):
+def quantization_config(cfg, dtype, head=None):
     "A `BitsAndBytesConfig` for `load_in_4bit` (nf4, QLoRA) or `load_in_8bit`, else None."
     if not (cfg.load_in_4bit or cfg.load_in_8bit): return None
     from transformers import BitsAndBytesConfig
     # A reward model's scoring head is new and trained in full: it must stay a plain layer, not be quantized.
-    skip = {"llm_int8_skip_modules": ["score", "classifier"]} if cfg.method in MODEL_HEADS else {}
+    skip = {"llm_int8_skip_modules": list(head.modules)} if head is not None and head.modules else {}
     if cfg.load_in_8bit: return BitsAndBytesConfig(load_in_8bit=True, **skip)
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=cfg.bnb_4bit_quant_type or "nf4", **skip,
                               bnb_4bit_use_double_quant=cfg.bnb_4bit_use_double_quant if cfg.bnb_4bit_use_double_quant is not None else True,
                               bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_storage=dtype)
 
 # %% ../nbs/08_model.ipynb #98a51380
-# Reward models put a scoring head on the base model: one score per sequence (outcome) or two classes per token
-# (process: is this step correct?). The head is new and trained; with LoRA, PEFT keeps it trainable by task type.
-MODEL_HEADS = {"reward_model": ("AutoModelForSequenceClassification", 1, "SEQ_CLS"),
-               "process_reward_model": ("AutoModelForTokenClassification", 2, "TOKEN_CLS")}
-
-def model_head(cfg) -> tuple[str, int | None, str]:
-    "(transformers auto class, num_labels, PEFT task type) for the config's method."
-    auto, labels, task = MODEL_HEADS.get(cfg.method, ("AutoModelForCausalLM", None, "CAUSAL_LM"))
-    return cfg.model_type or auto, cfg.num_labels or labels, task
-
-def load_model(cfg, tokenizer=None):
-    "The base model for `cfg`, quantized if asked, embeddings resized to the tokenizer. No adapter yet."
+def load_model(cfg, tokenizer=None, head=None):
+    """The base model for `cfg`, quantized if asked, embeddings resized to the tokenizer. No adapter yet.
+    `head`: the method's `ftlab.methods.Head` (None: a causal LM)."""
     import transformers
-    auto, num_labels, _ = model_head(cfg)
+    auto = cfg.model_type or (head.auto_class if head is not None else "AutoModelForCausalLM")
+    num_labels = cfg.num_labels or (head.num_labels if head is not None else None)
     model_class = getattr(transformers, auto, None)
     if model_class is None or not auto.startswith("AutoModel"):
         raise FtlabError(f"`model_type: {auto}` is not a transformers auto class", key="model_type",
@@ -76,14 +72,14 @@ def load_model(cfg, tokenizer=None):
     dtype = torch_dtype(cfg)
     name = cfg.base_model
     kw = dict(dtype=dtype, attn_implementation=attn_implementation(cfg), trust_remote_code=cfg.trust_remote_code)
-    q = quantization_config(cfg, dtype)
+    q = quantization_config(cfg, dtype, head)
     if q is not None: kw["quantization_config"] = q
     if cfg.revision_of_model: kw["revision"] = cfg.revision_of_model
     if num_labels is not None: kw["num_labels"] = num_labels
     try:
         model = model_class.from_pretrained(model_path(name), **kw)
     except Exception as e:
-        raise _load_error("model", name, e, "base_model") from None
+        raise load_error("model", name, e, "base_model") from None
     if tokenizer is not None and len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(len(tokenizer))
     if tokenizer is not None:
@@ -93,27 +89,27 @@ def load_model(cfg, tokenizer=None):
     return model
 
 # %% ../nbs/08_model.ipynb #7091fab6
-def lora_config(cfg):
-    "The PEFT `LoraConfig` for `adapter: lora|qlora`, or None for full fine-tuning."
+def lora_config(cfg, head=None):
+    "The PEFT `LoraConfig` for `adapter: lora|qlora`, or None for full fine-tuning; `head`: the method's (None: an LM)."
     if not cfg.adapter: return None
     from peft import LoraConfig
     targets = cfg.lora_target_modules
     if cfg.lora_target_linear: targets = "all-linear"
     elif not targets: targets = None  # PEFT's defaults for known architectures
-    task = model_head(cfg)[2]
+    task = head.task_type if head is not None else "CAUSAL_LM"
     return LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules=targets,
                       modules_to_save=cfg.lora_modules_to_save or None, use_dora=bool(cfg.peft_use_dora),
                       use_rslora=bool(cfg.peft_use_rslora), fan_in_fan_out=bool(cfg.lora_fan_in_fan_out),
                       bias="none", task_type=task,
                       # a scoring head is trained whole (PEFT's task type saves it), never also given LoRA
-                      exclude_modules=["score", "classifier"] if task != "CAUSAL_LM" else None)
+                      exclude_modules=list(head.modules) if head is not None and head.modules else None)
 
 def load_adapter(model, cfg):
     "Continue from a saved adapter (`lora_model_dir`), trainable."
     from peft import PeftModel
     try: return PeftModel.from_pretrained(model, cfg.lora_model_dir, is_trainable=True)
     except Exception as e:
-        raise _load_error("adapter", cfg.lora_model_dir, e, "lora_model_dir") from None
+        raise load_error("adapter", cfg.lora_model_dir, e, "lora_model_dir") from None
 
 # %% ../nbs/08_model.ipynb #8b6817ae
 KERNEL_KEYS = {"qkv": "lora_qkv_kernel", "o": "lora_o_kernel", "mlp": "lora_mlp_kernel"}

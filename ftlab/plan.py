@@ -66,21 +66,22 @@ def count_params(cfg) -> tuple[int, int, object]:
     import torch
     import transformers
     from transformers import AutoConfig
-    from ftlab.tokenizer import model_path, _load_error
-    from ftlab.model import model_head
-    auto, num_labels, _ = model_head(cfg)
+    from ftlab.tokenizer import model_path, load_error
+    from ftlab.methods import get_method
+    head = get_method(cfg).head
+    auto, num_labels = cfg.model_type or head.auto_class, cfg.num_labels or head.num_labels
     try:
         mcfg = AutoConfig.from_pretrained(model_path(cfg.base_model), trust_remote_code=cfg.trust_remote_code,
                                           **({"num_labels": num_labels} if num_labels else {}))
     except Exception as e:
-        raise _load_error("model config", cfg.base_model, e, "base_model") from None
+        raise load_error("model config", cfg.base_model, e, "base_model") from None
     with torch.device("meta"):
         model = getattr(transformers, auto).from_config(mcfg, trust_remote_code=cfg.trust_remote_code)
     total = sum(p.numel() for p in model.parameters())
     if not cfg.adapter: return total, total, mcfg
     from peft import get_peft_model
     from ftlab.model import lora_config
-    peft_model = get_peft_model(model, lora_config(cfg))
+    peft_model = get_peft_model(model, lora_config(cfg, head))
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     return trainable, total + trainable, mcfg
 
@@ -96,10 +97,10 @@ def estimate_memory(cfg, mcfg, trainable: int, total: int, dtype: str) -> dict:
     L = getattr(mcfg, "num_hidden_layers", 0) or 0
     V = getattr(mcfg, "vocab_size", 0) or 0
     tokens = cfg.micro_batch_size * cfg.sequence_len
-    from ftlab.config import METHOD_DATA
-    if METHOD_DATA.get(cfg.method) == "pairs": tokens *= 2        # chosen and rejected go through the model together
-    if cfg.method in ("dpo", "ipo", "kto") and not cfg.adapter and not cfg.precompute_ref_log_probs:
-        weights += total * BYTES[dtype]                            # the frozen reference copy of full fine-tuning
+    from ftlab.methods import get_method, frozen_copy_needed
+    method = get_method(cfg)
+    if method.data == "pairs": tokens *= 2                         # chosen and rejected go through the model together
+    if frozen_copy_needed(cfg, method): weights += total * BYTES[dtype]   # the frozen reference copy of full fine-tuning
     act_bytes = 2 if dtype != "float32" else 4
     # Per layer and token, roughly 17 hidden-sized values are kept for the backward pass (attention, MLP, norms);
     # with checkpointing only the layer inputs are (none on the GPU when they are offloaded), plus the 17 of the
@@ -116,10 +117,9 @@ def estimate_memory(cfg, mcfg, trainable: int, total: int, dtype: str) -> dict:
 # %% ../nbs/15_plan.ipynb #c3caafdb
 def make_plan(cfg, prepared) -> Plan:
     "The plan for `cfg` with its prepared data (see `Run.prepare`)."
-    from ftlab.model import device_info
+    from ftlab.model import training_dtype
     from ftlab.methods import steps_per_epoch
-    dev = device_info()
-    dtype = cfg.resolved_dtype(cuda_available=dev["cuda"], bf16_supported=dev["bf16"])
+    dtype = training_dtype(cfg)
     trainable, total, mcfg = count_params(cfg)
     rep = prepared.report
     rows = len(prepared.train)

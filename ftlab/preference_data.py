@@ -8,21 +8,25 @@ from .errors import FtlabError
 from .strategies import register_strategy, StrategyContext, normalize_messages, example, IGNORE, STRATEGY_KINDS
 
 # %% auto #0
-__all__ = ['FIELD_MAPPING_KEYS', 'pair_messages', 'common_prefix', 'encode_chat', 'encode_text', 'pair_example',
-           'unpaired_example', 'chat_template_pair', 'passthrough_pair', 'user_defined_pair', 'kto_label', 'split_pair',
+__all__ = ['PAIR_COLUMNS', 'KTO_COLUMNS', 'FIELD_MAPPING_KEYS', 'column_list', 'first_present', 'as_messages', 'with_system',
+           'pair_messages', 'common_prefix', 'encode_chat', 'encode_text', 'pair_example', 'unpaired_example',
+           'chat_template_pair', 'passthrough_pair', 'user_defined_pair', 'kto_label', 'split_pair',
            'chat_template_unpaired', 'passthrough_unpaired', 'user_defined_unpaired', 'stepwise_supervised',
            'strategies_for', 'infer_pref_type']
 
 # %% ../nbs/20_preference_data.ipynb #464d35b8
+# the columns of prepared rows: pairs (DPO, ORPO, SimPO, reward models) and labelled completions (KTO)
+PAIR_COLUMNS = ["prompt_ids", "chosen_ids", "rejected_ids"]
+KTO_COLUMNS = ["prompt_ids", "completion_ids", "label"]
 FIELD_MAPPING_KEYS = {"field_prompt", "field_system", "field_chosen", "field_rejected", "field_completion", "field_label",
                       "prompt_format", "chosen_format", "rejected_format", "completion_format"}
 
-def _columns(row) -> str: return ", ".join(map(str, row))
+def column_list(row) -> str: return ", ".join(map(str, row))
 
-def _first_present(row: dict, names) -> str | None:
+def first_present(row: dict, names) -> str | None:
     return next((n for n in names if n and row.get(n) is not None), None)
 
-def _as_messages(value, role: str, ctx: StrategyContext, what: str) -> list[dict]:
+def as_messages(value, role: str, ctx: StrategyContext, what: str) -> list[dict]:
     "A prompt or response as messages: text becomes one message of `role`; one message or a list is normalised."
     if isinstance(value, str): return [{"role": role, "content": value}]
     if isinstance(value, dict): value = [value]
@@ -31,7 +35,7 @@ def _as_messages(value, role: str, ctx: StrategyContext, what: str) -> list[dict
 def _empty(side) -> bool:
     return not side.strip() if isinstance(side, str) else all(not m["content"].strip() for m in side)
 
-def _with_system(prompt: list[dict], row: dict, ctx: StrategyContext) -> list[dict]:
+def with_system(prompt: list[dict], row: dict, ctx: StrategyContext) -> list[dict]:
     system = row.get(ctx.ds.field_system or "system")
     if isinstance(system, str) and system.strip() and not ctx.ds.drop_system_message and prompt[0]["role"] != "system":
         return [{"role": "system", "content": system}] + prompt
@@ -54,13 +58,13 @@ def pair_messages(row: dict, ctx: StrategyContext) -> tuple[list[dict], list[dic
     fc, fr = ds.field_chosen or "chosen", ds.field_rejected or "rejected"
     for f, key in ((fc, "field_chosen"), (fr, "field_rejected")):
         if row.get(f) is None:
-            raise FtlabError(f"no `{f}` column (columns: {_columns(row)})", fix=f"set `{key}:` to the column that holds it")
-    fp = ds.field_prompt or _first_present(row, ("prompt", "input", "question", ds.field_messages, "messages", "conversations"))
+            raise FtlabError(f"no `{f}` column (columns: {column_list(row)})", fix=f"set `{key}:` to the column that holds it")
+    fp = ds.field_prompt or first_present(row, ("prompt", "input", "question", ds.field_messages, "messages", "conversations"))
     if ds.field_prompt and row.get(ds.field_prompt) is None:
-        raise FtlabError(f"no `{ds.field_prompt}` column (columns: {_columns(row)})", fix="set `field_prompt:` to the prompt column")
+        raise FtlabError(f"no `{ds.field_prompt}` column (columns: {column_list(row)})", fix="set `field_prompt:` to the prompt column")
     if fp is None:   # whole conversations in chosen and rejected: the prompt is what they share
         if not (isinstance(row[fc], list) and isinstance(row[fr], list)):
-            raise FtlabError(f"no prompt column (columns: {_columns(row)})",
+            raise FtlabError(f"no prompt column (columns: {column_list(row)})",
                              fix="name it with `field_prompt:`, or give `chosen`/`rejected` as whole conversations")
         c, r = normalize_messages(row[fc], ctx, fc), normalize_messages(row[fr], ctx, fr)
         k = _shared_start(c, r)
@@ -69,10 +73,10 @@ def pair_messages(row: dict, ctx: StrategyContext) -> tuple[list[dict], list[dic
                              fix="add the prompt as its own column and set `field_prompt:`")
         prompt, chosen, rejected = c[:k], c[k:], r[k:]
     else:
-        prompt = _as_messages(row[fp], "user", ctx, fp)
-        chosen, rejected = _as_messages(row[fc], "assistant", ctx, fc), _as_messages(row[fr], "assistant", ctx, fr)
+        prompt = as_messages(row[fp], "user", ctx, fp)
+        chosen, rejected = as_messages(row[fc], "assistant", ctx, fc), as_messages(row[fr], "assistant", ctx, fr)
     _check_sides({fc: chosen, fr: rejected})
-    return _with_system(prompt, row, ctx), chosen, rejected
+    return with_system(prompt, row, ctx), chosen, rejected
 
 # %% ../nbs/20_preference_data.ipynb #d4bad506
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -140,7 +144,7 @@ def _formatted(row: dict, mapping: dict, parts: tuple[str, ...]) -> dict[str, st
         col = mapping.get(f"field_{name}", name)
         if row.get(col) is not None: values[name] = str(row[col])
         elif name in parts:
-            raise FtlabError(f"no `{col}` column (columns: {_columns(row)})", fix=f"set `field_{name}:` in the `type` mapping")
+            raise FtlabError(f"no `{col}` column (columns: {column_list(row)})", fix=f"set `field_{name}:` in the `type` mapping")
     out = {}
     for name in parts:
         fmt = mapping.get(f"{name}_format", "{" + name + "}")
@@ -161,7 +165,7 @@ def user_defined_pair(row: dict, ctx: StrategyContext) -> list[dict]:
 def kto_label(row: dict, ctx: StrategyContext) -> bool:
     f = ctx.ds.field_label or (ctx.ds.type.get("field_label", "label") if isinstance(ctx.ds.type, dict) else "label")
     if f not in row or row[f] is None:
-        raise FtlabError(f"no `{f}` column: KTO needs a boolean label per completion (columns: {_columns(row)})",
+        raise FtlabError(f"no `{f}` column: KTO needs a boolean label per completion (columns: {column_list(row)})",
                          fix="add `label: true` (desirable) or `false` (undesirable) to each row, or name the column with "
                              "`field_label:`; preference pairs (chosen/rejected) also work and are split in two")
     v = row[f]
@@ -184,12 +188,12 @@ def chat_template_unpaired(row: dict, ctx: StrategyContext) -> list[dict]:
     ds = ctx.ds
     fc = ds.field_completion or "completion"
     label = kto_label(row, ctx)
-    fp = ds.field_prompt or _first_present(row, ("prompt", "input", "question", ds.field_messages, "messages"))
+    fp = ds.field_prompt or first_present(row, ("prompt", "input", "question", ds.field_messages, "messages"))
     if fp is None or row.get(fc) is None:
-        raise FtlabError(f"KTO rows need a prompt and a `{fc}` (columns: {_columns(row)})",
+        raise FtlabError(f"KTO rows need a prompt and a `{fc}` (columns: {column_list(row)})",
                          fix="set `field_prompt:` and `field_completion:` to the columns that hold them")
-    prompt = _with_system(_as_messages(row[fp], "user", ctx, fp), row, ctx)
-    completion = _as_messages(row[fc], "assistant", ctx, fc)
+    prompt = with_system(as_messages(row[fp], "user", ctx, fp), row, ctx)
+    completion = as_messages(row[fc], "assistant", ctx, fc)
     _check_sides({fc: completion}, "completion")
     p, (c,) = encode_chat(prompt, [completion], ctx)
     return [unpaired_example(p, c, label, ctx)]
@@ -223,7 +227,7 @@ def stepwise_supervised(row: dict, ctx: StrategyContext) -> list[dict]:
     fp = ds.field_prompt or "prompt"
     for f in (fp, "completions", "labels"):
         if row.get(f) is None:
-            raise FtlabError(f"no `{f}` column (columns: {_columns(row)})",
+            raise FtlabError(f"no `{f}` column (columns: {column_list(row)})",
                              fix="stepwise_supervised rows have `prompt`, `completions` (a list of steps) and `labels` (one boolean per step)")
     steps, marks = row["completions"], row["labels"]
     if not isinstance(steps, list) or not steps or not isinstance(marks, list):

@@ -37,8 +37,8 @@ def _strategy_for(ds_cfg, cfg, raw, namespace):
 
 def data_kind(cfg) -> str:
     "The kind of example the config's method trains on (`sft`, `pairs`, `unpaired`, `stepwise`)."
-    from ftlab.config import METHOD_DATA
-    return METHOD_DATA.get(cfg.method, "sft")
+    from ftlab.methods import get_method
+    return get_method(cfg).data
 
 def _infer(kind: str, columns) -> str | None:
     if kind == "sft": return infer_type(columns)

@@ -6,7 +6,7 @@
 from __future__ import annotations
 from .errors import FtlabError
 from .strategies import register_strategy, StrategyContext
-from .preference_data import _as_messages, _with_system, _first_present, _columns
+from .preference_data import as_messages, with_system, first_present, column_list
 
 # %% auto #0
 __all__ = ['PROMPT_FIELDS', 'prompt_limit', 'chat_template_prompt', 'passthrough_prompt', 'infer_prompt_type']
@@ -24,9 +24,9 @@ def _prompt_example(row: dict, field: str, prompt, ids: list[int], ctx: Strategy
     return dict(extra, prompt=prompt, prompt_ids=ids, prompt_too_long=len(ids) >= prompt_limit(ctx.cfg))
 
 def _prompt_field(row: dict, ctx: StrategyContext) -> str:
-    f = ctx.ds.field_prompt or _first_present(row, (ctx.ds.field_messages, *PROMPT_FIELDS))
+    f = ctx.ds.field_prompt or first_present(row, (ctx.ds.field_messages, *PROMPT_FIELDS))
     if f is None or row.get(f) is None:
-        raise FtlabError(f"no prompt column (columns: {_columns(row)})",
+        raise FtlabError(f"no prompt column (columns: {column_list(row)})",
                          fix="name it with `field_prompt:`, or return a `prompt` column from a transform (`type: \"@my_transform\"`)")
     return f
 
@@ -34,7 +34,7 @@ def _prompt_field(row: dict, ctx: StrategyContext) -> str:
 def chat_template_prompt(row: dict, ctx: StrategyContext) -> list[dict]:
     "The prompt as messages, rendered with the chat template when TRL generates."
     tok, f = ctx.tokenizer, _prompt_field(row, ctx)
-    msgs = _with_system(_as_messages(row[f], "user", ctx, f), row, ctx)
+    msgs = with_system(as_messages(row[f], "user", ctx, f), row, ctx)
     while len(msgs) > 1 and msgs[-1]["role"] == "assistant": msgs = msgs[:-1]
     if msgs[-1]["role"] == "assistant":
         raise FtlabError(f"`{f}` holds only an assistant message", fix="the prompt needs a user turn to answer")

@@ -9,9 +9,10 @@ from pathlib import Path
 from typing import Callable
 from .errors import FtlabError, RunError
 from .events import MetricsLog, read_metrics, history, event_callback, stop_callback
+from .inference import chat, score, save, merge
 
 # %% auto #0
-__all__ = ['NAN_CAUSES', 'Run', 'find_checkpoint', 'quiet_libraries', 'Reply']
+__all__ = ['NAN_CAUSES', 'Run', 'find_checkpoint', 'quiet_libraries']
 
 # %% ../nbs/11_run.ipynb #5790c7f9
 class Run:
@@ -21,7 +22,8 @@ class Run:
         self.cfg = cfg if hasattr(cfg, "model_dump") else load_config(cfg)
         self.namespace = namespace
         self.observers = list(observers or [])
-        self.tokenizer = self.prepared = self.trainer = self.health = self._gen = None
+        self.tokenizer = self.prepared = self.trainer = self.health = None
+        self.loaded = None          # (model, tokenizer) loaded for chat / score (see ftlab.inference)
         self.state = "new"          # new → prepared → training → finished | interrupted | failed
         self.stopped_at = None
 
@@ -130,13 +132,13 @@ def _train(self, max_steps: int | None = None, resume=None, callbacks=()):
     # checks that need the data but not the model (GRPO's reward functions, a vLLM server) run before it loads
     extra = method.preflight(cfg, prepared, self.tokenizer, self.namespace) if method.preflight else {}
     transformers.set_seed(cfg.seed)
-    model = load_model(cfg, self.tokenizer)
+    model = load_model(cfg, self.tokenizer, method.head)
     if cfg.lora_model_dir: model = load_adapter(model, cfg)
     from ftlab.health import HealthMonitor
     self.health = HealthMonitor(method.rules)
     events, stop = event_callback(self.emit), stop_callback()
-    self._gen = None  # a model loaded earlier for chat() is not the one about to be trained
-    self.trainer = trainer = method.build(cfg, model, self.tokenizer, prepared, [events, *callbacks, stop], **extra)
+    self.loaded = None  # a model loaded earlier for chat() is not the one about to be trained
+    self.trainer = trainer = method.build(cfg, method, model, self.tokenizer, prepared, [events, *callbacks, stop], **extra)
     from ftlab.model import apply_kernels, attention_note, long_context_callback
     for note in (attention_note(cfg), apply_kernels(cfg, trainer.model)):
         if note: self.emit({"event": "note", "step": 0, "message": note})
@@ -223,73 +225,7 @@ def _masks(self, n: int = 3, start: int = 0, split: str = "train"):
 Run.plot, Run.masks = _plot, _masks
 
 # %% ../nbs/11_run.ipynb #8b9aa184
-class Reply(str):
-    "A generated reply: a str that a notebook does not display again (it was streamed into the cell)."
-    def _ipython_display_(self): pass
-
-def _weights_dir(self) -> Path:
-    "Where the trained weights are: the final save, or the newest checkpoint."
-    from transformers.trainer_utils import get_last_checkpoint
-    out = self.output_dir
-    if (out / "adapter_config.json").exists() or (out / "config.json").exists(): return out
-    ckpt = get_last_checkpoint(str(out)) if out.exists() else None
-    if ckpt: return Path(ckpt)
-    raise FtlabError(f"no trained weights in `{out}` yet", fix="train the run first (`run.train()`)")
-
-def _inference_model(self):
-    "(model, tokenizer) for generation."
-    import torch
-    if getattr(self, "_gen", None) is not None: return self._gen
-    if self.trainer is not None:
-        model = self.trainer.model
-    else:
-        from ftlab.model import load_model
-        from ftlab.tokenizer import load_tokenizer
-        d = _weights_dir(self)
-        self.tokenizer = self.tokenizer or load_tokenizer(self.cfg)
-        if (d / "adapter_config.json").exists():
-            from peft import PeftModel
-            model = PeftModel.from_pretrained(load_model(self.cfg, self.tokenizer), str(d))
-        else:
-            model = load_model(self.cfg.model_copy(update={"base_model": str(d)}), self.tokenizer)
-    self._gen = (model, self.tokenizer)
-    return self._gen
-
-def _chat(self, message: str, system: str | None = None, history: list[dict] | None = None,
-          max_new_tokens: int = 128, temperature: float = 0.0, stream: bool = True) -> Reply:
-    "Generate a reply to `message` with the trained model, streaming it as it is produced."
-    import threading, torch
-    from transformers import TextIteratorStreamer
-    model, tok = _inference_model(self)
-    msgs = ([{"role": "system", "content": system}] if system else []) + list(history or []) + [{"role": "user", "content": message}]
-    inputs = tok.apply_chat_template(msgs, add_generation_prompt=True, return_tensors="pt", return_dict=True)
-    inputs = {k: v.to(model.device) for k, v in inputs.items()}
-    streamer = TextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=True)
-    kw = dict(**inputs, max_new_tokens=max_new_tokens, streamer=streamer, use_cache=True,
-              eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, do_sample=temperature > 0)
-    if temperature > 0: kw["temperature"] = temperature
-    was_training = model.training
-    model.eval()
-    def generate():
-        with torch.no_grad(): model.generate(**kw)
-    t = threading.Thread(target=generate, daemon=True); t.start()
-    out = []
-    for piece in streamer:
-        out.append(piece)
-        if stream: print(piece, end="", flush=True)
-    t.join()
-    if stream: print(flush=True)
-    if was_training: model.train()
-    return Reply("".join(out))
-
-Run.chat = _chat
-
-def _score(self, prompt, responses):
-    "A reward model's scores for `responses` to `prompt` (see `ftlab.reward.score`)."
-    from ftlab.reward import score
-    return score(self, prompt, responses)
-
-Run.score = _score
+Run.chat, Run.score, Run.save, Run.merge = chat, score, save, merge
 
 def _check(self):
     "The method's checks that need the data but not the model (GRPO: call each reward function on a few rows)."
@@ -302,45 +238,7 @@ Run.check = _check
 
 def _completions(self, step: int | None = None, last: int = 5, per_prompt: int | None = None):
     "Online RL: the stored completions of `step` (or of the `last` logged steps) beside their rewards and advantages."
-    from ftlab.grpo import read_completions
-    from ftlab.completions import completions_view
+    from ftlab.completions import completions_view, read_completions
     return completions_view(read_completions(self.output_dir), step, last, per_prompt)
 
 Run.completions = _completions
-
-# %% ../nbs/11_run.ipynb #713c6549
-def _save(self, path) -> Path:
-    "Copy the trained adapter/model, tokenizer, config.yaml and metrics.jsonl to `path`."
-    import shutil
-    dst = Path(path).expanduser(); dst.mkdir(parents=True, exist_ok=True)
-    src = _weights_dir(self)
-    for f in src.iterdir():
-        if f.is_file() and not f.name.startswith(("optimizer", "scheduler", "rng_state", "training_args", "trainer_state")):
-            shutil.copy2(f, dst / f.name)
-    for name in ("config.yaml", "metrics.jsonl"):
-        if (self.output_dir / name).exists() and self.output_dir / name != dst / name: shutil.copy2(self.output_dir / name, dst / name)
-    if not (dst / "tokenizer.json").exists() and self.tokenizer is not None: self.tokenizer.save_pretrained(str(dst))
-    return dst
-
-def _merge(self, path) -> Path:
-    "Merge the LoRA adapter into the base model and save a standalone model folder at `path`."
-    import transformers
-    from ftlab.model import torch_dtype, model_head
-    from ftlab.tokenizer import load_tokenizer, model_path
-    d = _weights_dir(self)
-    tok = self.tokenizer or load_tokenizer(self.cfg)
-    dst = Path(path).expanduser()
-    if not (d / "adapter_config.json").exists():  # a full fine-tune is already standalone
-        return _save(self, dst)
-    from peft import PeftModel
-    # unquantized, with the method's head (a reward model keeps its scoring layer)
-    auto, num_labels, _ = model_head(self.cfg)
-    base = getattr(transformers, auto).from_pretrained(model_path(self.cfg.base_model), dtype=torch_dtype(self.cfg),
-                                                       trust_remote_code=self.cfg.trust_remote_code,
-                                                       **({"num_labels": num_labels} if num_labels else {}))
-    if len(tok) > base.get_input_embeddings().weight.shape[0]: base.resize_token_embeddings(len(tok))
-    merged = PeftModel.from_pretrained(base, str(d)).merge_and_unload()
-    merged.save_pretrained(str(dst)); tok.save_pretrained(str(dst))
-    return dst
-
-Run.save, Run.merge = _save, _merge

@@ -14,17 +14,21 @@ from .errors import FtlabError, DataError
 IGNORE = -100  # label of a token that is not trained
 
 # %% auto #0
-__all__ = ['IGNORE', 'STRATEGY_KINDS', 'STRATEGIES', 'TYPE_NAMES', 'DEFAULT_ROLE_MAP', 'ALPACA_PROMPT', 'ALPACA_PROMPT_NO_INPUT',
-           'register_strategy', 'StrategyContext', 'special_ids', 'example', 'get_messages', 'normalize_messages',
-           'chat_template', 'alpaca', 'input_output', 'completion', 'tokenized', 'infer_type', 'prompt_completion',
-           'resolve_callable', 'custom_transform', 'is_custom_type']
+__all__ = ['IGNORE', 'STRATEGY_KINDS', 'STRATEGIES', 'KIND_NAMES', 'TYPE_NAMES', 'DEFAULT_ROLE_MAP', 'ALPACA_PROMPT',
+           'ALPACA_PROMPT_NO_INPUT', 'register_strategy', 'StrategyContext', 'special_ids', 'example', 'get_messages',
+           'normalize_messages', 'chat_template', 'alpaca', 'input_output', 'completion', 'tokenized', 'infer_type',
+           'prompt_completion', 'resolve_callable', 'custom_transform', 'is_custom_type']
 
 # %% ../nbs/05_strategies.ipynb #7e7894ba
-# Strategies by the kind of example they produce; a method reads one kind (see `ftlab.config.METHOD_DATA`):
+# Strategies by the kind of example they produce; a method reads one kind (its registry entry's `data`):
 # sft → input_ids + labels, pairs → prompt_ids + chosen_ids + rejected_ids, unpaired → prompt_ids + completion_ids
 # + label, stepwise → input_ids + per-step labels. The same `type` name can mean a different strategy per kind.
 STRATEGY_KINDS: dict[str, dict[str, Callable]] = {"sft": {}}
 STRATEGIES = STRATEGY_KINDS["sft"]
+# each kind in words, for messages that say what a method trains on
+KIND_NAMES = {"sft": "conversations or prompt/response text", "pairs": "preference pairs (prompt, chosen, rejected)",
+              "unpaired": "completions with a boolean `label` (or preference pairs, split in two)",
+              "stepwise": "step-by-step solutions with a label per step", "prompts": "prompts"}
 
 def register_strategy(name: str, kind: str = "sft"):
     "Register `fn(row, ctx) -> list[dict]` as the strategy for dataset `type: name` when the method reads `kind` rows."

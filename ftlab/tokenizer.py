@@ -9,7 +9,7 @@ from .errors import FtlabError
 from .assets import is_embedded, embedded_path
 
 # %% auto #0
-__all__ = ['CHATML_TEMPLATE', 'named_chat_templates', 'resolve_chat_template', 'model_path', 'load_tokenizer']
+__all__ = ['CHATML_TEMPLATE', 'named_chat_templates', 'resolve_chat_template', 'model_path', 'load_error', 'load_tokenizer']
 
 # %% ../nbs/03_tokenizer.ipynb #6aa09347
 # ChatML. The assistant's content and its <|im_end|> sit inside {% generation %} so that
@@ -57,7 +57,7 @@ def model_path(name: str) -> str:
     "Local folder for embedded names; hub ids and paths unchanged."
     return str(embedded_path(name)) if is_embedded(name) else str(name)
 
-def _load_error(what: str, name: str, err: Exception, key: str) -> FtlabError:
+def load_error(what: str, name: str, err: Exception, key: str) -> FtlabError:
     local = Path(name).exists() or name.startswith((".", "/", "~"))
     if local: fix = f"check that `{name}` is a folder saved with save_pretrained (it needs config.json / tokenizer files)"
     else: fix = (f"`{name}` is read as a Hugging Face hub id: check the spelling, your network, and `huggingface-cli login` "
@@ -74,7 +74,7 @@ def load_tokenizer(cfg):
     try:
         tok = AutoTokenizer.from_pretrained(model_path(name), trust_remote_code=cfg.trust_remote_code)
     except Exception as e:
-        raise _load_error("tokenizer", name, e, key) from None
+        raise load_error("tokenizer", name, e, key) from None
     if not getattr(tok, "is_fast", False):
         raise FtlabError(f"the tokenizer of `{name}` is a slow (Python) tokenizer", key=key,
                          fix="ftlab computes exact label masks from character offsets, which needs a fast tokenizer "

@@ -43,7 +43,7 @@ def test_preprocess_debug_shows_trained_tokens(tmp_path, capsys):
                    "datasets:\n  - path: ftlab:data/chat.jsonl\n    type: chat_template\n    split: train[:20]\n")
     assert main(["preprocess", str(cfg), "--debug", "--samples", "2"]) == 0
     out = capsys.readouterr().out
-    assert "20 rows" in out and out.count("── sample") == 2
+    assert "20 rows" in out and out.count("\n── ftlab:data/chat.jsonl#") == 2   # each sample headed by its source row
     # Not a terminal: trained tokens are shown in brackets, and each sample ends on a trained <|im_end|>.
     assert "<|im_end|>]" in out and "tokens trained" in out
 

@@ -73,7 +73,7 @@ def test_reward_functions_from_an_import_path(tmp_path, monkeypatch):
 
 
 def test_vllm_server_missing_is_named(tmp_path):
-    from ftlab.grpo import wait_for_vllm
+    from ftlab.methods.grpo import wait_for_vllm
     cfg = load_config(grpo_cfg(tmp_path, extra="  use_vllm: true\n  vllm_mode: server\n  vllm_server_host: 127.0.0.1\n"
                                                "  vllm_server_port: 9\n  vllm_server_timeout: 1\n"))
     with pytest.raises(RunError) as e: wait_for_vllm(cfg, interval=0.2)
@@ -81,7 +81,7 @@ def test_vllm_server_missing_is_named(tmp_path):
 
 
 def test_trl_keys_map_and_unsupported_ones_are_refused(tmp_path):
-    from ftlab.grpo import grpo_args
+    from ftlab.methods.grpo import grpo_args
     cfg = load_config(grpo_cfg(tmp_path, extra="  temperature: 0.7\n  top_p: 0.9\n  scale_rewards: true\n  beta: 0.04\n"
                                                "  epsilon_high: 0.28\n  loss_type: dapo\n  vllm_guided_decoding_regex: '[0-9]+'\n"))
     kw = grpo_args(cfg, 100, False)
@@ -99,7 +99,7 @@ def test_trl_keys_map_and_unsupported_ones_are_refused(tmp_path):
 
 def test_charts_expand_reward_functions():
     from ftlab.charts import figure
-    from ftlab.grpo import GRPO_PANELS
+    from ftlab.methods.grpo import GRPO_PANELS
     recs = [{"event": "log", "step": s, "reward": 0.1 * s, "rewards/acc/mean": 0.1 * s, "rewards/fmt/mean": 1.0} for s in (1, 2)]
     names = {t["name"] for t in figure(recs, GRPO_PANELS)["data"]}
     assert {"reward per function: acc mean", "reward per function: fmt mean", "reward (total): mean"} <= names

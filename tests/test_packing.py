@@ -1,7 +1,8 @@
 """sample_packing: packed rows train exactly the tokens unpacked rows train, and never attend to each other."""
 import pytest, torch
 from ftlab.prepare import prepare_datasets
-from ftlab.methods import build_sft
+from ftlab.methods import get_method
+from ftlab.methods.sft import build_sft
 from ftlab.model import load_model
 
 IGNORE = -100
@@ -33,7 +34,7 @@ datasets:
     tok = load_tokenizer(cfg)
     prepared = prepare_datasets(cfg, tok, use_cache=False)
     model = load_model(cfg, tok)
-    trainer = build_sft(cfg, model, tok, prepared)
+    trainer = build_sft(cfg, get_method(cfg), model, tok, prepared)
     return cfg, tok, prepared, model, trainer
 
 

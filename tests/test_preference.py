@@ -102,7 +102,8 @@ def built_trainer(tmp_path, text, data):
     from ftlab.model import load_model
     run = Run(load_config(text), namespace={"rows": data})
     prepared = run.prepare()
-    return get_method(run.cfg).build(run.cfg, load_model(run.cfg, run.tokenizer), run.tokenizer, prepared, [])
+    method = get_method(run.cfg)
+    return method.build(run.cfg, method, load_model(run.cfg, run.tokenizer, method.head), run.tokenizer, prepared, [])
 
 
 def test_reference_models(tmp_path):

@@ -69,8 +69,8 @@ def test_interrupt_saves_checkpoint_and_resumes(make_cfg):
 def test_nan_loss_stops_with_step(make_cfg, monkeypatch):
     import torch, ftlab.run as runmod, ftlab.model as modelmod
     orig = modelmod.load_model
-    def poisoned(cfg, tok=None):
-        m = orig(cfg, tok)
+    def poisoned(cfg, tok=None, head=None):
+        m = orig(cfg, tok, head)
         calls = {"n": 0}
         def hook(mod, args, out):
             calls["n"] += 1

@@ -94,7 +94,7 @@ def test_grpo_colocate_generates_with_vllm(tmp_path, monkeypatch):
 def test_vllm_serve_starts_a_server_that_training_finds(tmp_path):
     "`ftlab vllm-serve` with the config's `vllm:` section; the training side's health wait finds it; Ctrl-C stops it."
     import signal, socket, subprocess, sys, urllib.request
-    from ftlab.grpo import wait_for_vllm
+    from ftlab.methods.grpo import wait_for_vllm
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]
     cfg_text = (CONFIG.format(out=tmp_path / "out").replace("vllm_mode: colocate", "vllm_mode: server")
