@@ -10,6 +10,16 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest
 
 
+def pytest_collection_modifyitems(config, items):
+    "Tests marked `gpu` run where CUDA is (the GPU machine) and are skipped, saying so, everywhere else."
+    gpu = [item for item in items if item.get_closest_marker("gpu")]
+    if not gpu: return
+    import torch
+    if torch.cuda.is_available(): return
+    skip = pytest.mark.skip(reason="marked gpu: needs a CUDA GPU")
+    for item in gpu: item.add_marker(skip)
+
+
 @pytest.fixture(autouse=True)
 def _cache_dir(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("FTLAB_CACHE", str(tmp_path_factory.getbasetemp() / "ftlab-cache"))

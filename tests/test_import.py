@@ -18,6 +18,13 @@ def test_config_and_cli_do_not_import_torch():
     assert "torch" not in mods and "datasets" not in mods
 
 
+def test_the_engine_loads_no_notebook_package():
+    """The engine runs where the notebook packages are not installed (the GPU machine, a scheduler job): importing it,
+    every method family included, loads none of them."""
+    mods = _modules_after("import ftlab.run, ftlab.methods, ftlab.inference, ftlab.prepare, ftlab.model, ftlab.cli")
+    assert "ftlab.methods.grpo" in mods and not mods & {"IPython", "ipywidgets", "plotly"}
+
+
 def test_kernels_ship_as_subpackage():
     mods = _modules_after("import ftlab.kernels")
     assert "ftlab.kernels" in mods and "kernels" not in mods

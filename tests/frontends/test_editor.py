@@ -12,7 +12,7 @@ from ftlab.config import Config, DatasetConfig, TRLConfig, load_config
 from ftlab.editor import PRESETS, SECTIONS, ConfigEditor, field_spec, section_of
 from ftlab.errors import ConfigError
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 ROUND_TRIP = sorted((ROOT / "ftlab/assets/configs").glob("*.yaml")) + [ROOT / "tests/configs/axolotl_lora_1b.yaml",
                                                            ROOT / "tests/configs/axolotl_qlora_1b.yaml"]
 RED = "#d32f2f"

@@ -242,7 +242,7 @@ def test_import_needs_no_triton():
 
 # --- on the tiny PEFT model --------------------------------------------------------------------------------
 
-def _peft_model(extra="", b_seed=0):
+def peft_model(extra="", b_seed=0):
     import peft
     from ftlab.config import load_config
     from ftlab.model import load_model, lora_config
@@ -278,14 +278,14 @@ def _fused_nodes(t, groups=False):
     return (n, g_n) if groups else n
 
 
-def _lora_grads(model):
+def lora_grads(model):
     return {n: p.grad.clone() for n, p in model.named_parameters() if "lora_" in n and p.requires_grad}
 
 
 @pytest.fixture(scope="module")
 def pair():
     "(unpatched, patched, number patched) tiny LoRA models with the same weights."
-    ref = _peft_model()
+    ref = peft_model()
     fused = copy.deepcopy(ref)
     n = apply_fused_lora(fused)
     return ref, fused, n
@@ -303,7 +303,7 @@ def test_patches_every_linear_and_matches_peft(pair):
     assert _fused_nodes(out_f.loss) == N_LINEAR and _fused_nodes(out_r.loss) == 0
     torch.testing.assert_close(out_f.logits, out_r.logits, atol=1e-5, rtol=1e-5)
     out_r.loss.backward(); out_f.loss.backward()
-    gr, gf = _lora_grads(ref), _lora_grads(fused)
+    gr, gf = lora_grads(ref), lora_grads(fused)
     assert gr.keys() == gf.keys() and len(gr) == 2 * N_LINEAR
     for k in gr:
         torch.testing.assert_close(gf[k], gr[k], atol=1e-5, rtol=1e-4, msg=k)
@@ -361,7 +361,7 @@ def test_eval_no_grad_and_disable_adapter(pair):
 
 
 def test_optimizer_steps_give_same_losses():
-    ref = _peft_model(b_seed=3)
+    ref = peft_model(b_seed=3)
     fused = copy.deepcopy(ref)
     assert apply_fused_lora(fused) == N_LINEAR
     losses = {}
@@ -413,7 +413,7 @@ def test_merged_layers_fall_back_and_remove_restores(pair):
 
 
 def test_which_groups_and_idempotent():
-    m = _peft_model()
+    m = peft_model()
     assert apply_fused_lora(m, which=("o",)) == 4
     s = fused_lora_summary(m)
     assert all(n.endswith("o_proj") for n in s["patched"])
@@ -427,7 +427,7 @@ def test_which_groups_and_idempotent():
 @pytest.mark.parametrize("extra, reason", [("lora_dropout: 0.1\n", "lora_dropout > 0"),
                                            ("peft_use_dora: true\n", "DoRA")])
 def test_ineligible_layers_left_alone(extra, reason):
-    m = _peft_model(extra)
+    m = peft_model(extra)
     assert apply_fused_lora(m) == 0
     s = fused_lora_summary(m)
     assert len(s["skipped"]) == N_LINEAR and set(s["skipped"].values()) == {reason}
@@ -464,7 +464,7 @@ def test_gradient_checkpointing(pair, reentrant):
         m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
         m.enable_input_require_grads()
         m(**batch).loss.backward()
-        grads.append(_lora_grads(m))
+        grads.append(lora_grads(m))
     for k in grads[0]:
         torch.testing.assert_close(grads[1][k], grads[0][k], atol=1e-5, rtol=1e-4, msg=k)
 
@@ -477,7 +477,7 @@ def test_autocast_bf16_matches_peft(pair):
         out_r, out_f = ref(**batch), fused(**batch)
     assert _close(out_f.logits.float(), out_r.logits.float(), 3e-2)
     out_r.loss.backward(); out_f.loss.backward()
-    gr, gf = _lora_grads(ref), _lora_grads(fused)
+    gr, gf = lora_grads(ref), lora_grads(fused)
     for k in gr:
         assert gf[k].dtype == torch.float32
         assert _close(gf[k], gr[k], 5e-2), k
@@ -487,7 +487,7 @@ def test_autocast_bf16_matches_peft(pair):
 
 def test_qlora_matches_peft_and_saves_no_dequantized_weight():
     import bitsandbytes as bnb
-    ref = _peft_model("load_in_4bit: true\nadapter: qlora\n")
+    ref = peft_model("load_in_4bit: true\nadapter: qlora\n")
     fused = copy.deepcopy(ref)
     assert apply_fused_lora(fused) == N_LINEAR
     layers4 = [m for m in fused.modules() if isinstance(m, bnb.nn.Linear4bit)]
@@ -502,7 +502,7 @@ def test_qlora_matches_peft_and_saves_no_dequantized_weight():
     assert _fused_nodes(out_f.loss) == N_LINEAR
     assert _close(out_f.logits, out_r.logits, 1e-3)
     out_r.loss.backward(); out_f.loss.backward()
-    gr, gf = _lora_grads(ref), _lora_grads(fused)
+    gr, gf = lora_grads(ref), lora_grads(fused)
     assert gr.keys() == gf.keys() and len(gr) == 2 * N_LINEAR
     for k in gr:
         assert _close(gf[k], gr[k], 1e-3), k
@@ -512,7 +512,7 @@ def test_qlora_matches_peft_and_saves_no_dequantized_weight():
 
 # --- on the GPU (skipped without CUDA): bf16 forward and backward at realistic sizes ---------------------------
 
-gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+gpu = pytest.mark.gpu
 
 
 def _gpu_tensors(n_tok=4096, n_in=4096, n_out=1024, r=16, seed=0):
@@ -560,7 +560,7 @@ def test_gpu_function_nf4_forward_backward():
 
 @gpu
 def test_gpu_peft_model_bf16_matches_peft():
-    ref = _peft_model()
+    ref = peft_model()
     ref = ref.to("cuda", torch.bfloat16)
     for n, p in ref.named_parameters():
         if "lora_" in n: p.data = p.data.float()               # PEFT's float32 adapters beside a bf16 base
@@ -573,7 +573,7 @@ def test_gpu_peft_model_bf16_matches_peft():
     assert _close(out_f.logits.float(), out_r.logits.float(), 3e-2)
     assert abs(out_f.loss.item() - out_r.loss.item()) < 2e-2
     out_r.loss.backward(); out_f.loss.backward()
-    gr, gf = _lora_grads(ref), _lora_grads(fused)
+    gr, gf = lora_grads(ref), lora_grads(fused)
     for k in gr:
         assert gf[k].dtype == torch.float32
         assert _close(gf[k], gr[k], 5e-2), k

@@ -3,7 +3,7 @@ import pathlib, shutil
 import nbformat, pytest
 from nbclient import NotebookClient
 
-TUTORIALS = pathlib.Path(__file__).parent.parent / "nbs" / "tutorials"
+TUTORIALS = pathlib.Path(__file__).resolve().parents[2] / "nbs" / "tutorials"
 
 
 def execute(name, tmp_path):

@@ -46,7 +46,7 @@ print("RESULT", json.dumps([run.state, where(layer.input_layernorm.forward), whe
 """
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="Liger's Triton kernels need a GPU")
+@pytest.mark.gpu   # Liger's Triton kernels need a GPU
 def test_gpu_training_applies_the_flags(tmp_path):
     """On the GPU: `liger_rms_norm: true` with `liger_glu_activation: false` puts Liger's RMSNorm in, not its SwiGLU.
     In a process of its own: Liger patches transformers' Llama module for the whole process."""

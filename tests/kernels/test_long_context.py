@@ -9,8 +9,8 @@ from ftlab.errors import ConfigError
 from ftlab.kernels import long_context as lc
 from ftlab.kernels.long_context import (HOST_BUFFERS, apply_offloaded_checkpointing, apply_tiled_mlp,
                                         offloaded_checkpoint, remove_tiled_mlp)
-from test_kernels_lora import _peft_model, _lora_grads
-from test_train import LORA, logs
+from test_lora import peft_model, lora_grads
+from run_helpers import LORA, logs
 
 N_LAYERS = 4  # the tiny model
 
@@ -22,7 +22,7 @@ def enable_checkpointing(peft_model):
 
 
 def _checkpointed(extra=""):
-    m = _peft_model(extra)
+    m = peft_model(extra)
     enable_checkpointing(m)
     m.enable_input_require_grads()
     return m.train()
@@ -35,7 +35,7 @@ def _step(model, seq=40, seed=123):
     torch.manual_seed(seed)
     out = model(input_ids=ids, labels=ids)
     out.loss.backward()
-    return out.loss.item(), _lora_grads(model)
+    return out.loss.item(), lora_grads(model)
 
 
 def _max_diff(a, b):
@@ -94,7 +94,7 @@ def test_offload_runs_backward_for_inputs_without_grad():
 
 
 def test_tiled_mlp_matches_untiled_and_can_be_removed():
-    ref = _peft_model("lora_dropout: 0\n").train()
+    ref = peft_model("lora_dropout: 0\n").train()
     tiled = copy.deepcopy(ref)
     assert apply_tiled_mlp(tiled, num_shards=3) == N_LAYERS
     assert apply_tiled_mlp(tiled, num_shards=3) == 0          # already tiled: not wrapped twice
@@ -107,7 +107,7 @@ def test_tiled_mlp_matches_untiled_and_can_be_removed():
 def test_tiled_mlp_replays_dropout_in_its_recomputation():
     """With dropout, the gradients of the tiled MLP are those of the slices it computed in the forward: the same as
     running the slices one after another with autograd from the same seed."""
-    model = _peft_model("lora_dropout: 0.2\n").train()
+    model = peft_model("lora_dropout: 0.2\n").train()
     mlp = next(lc._dense_mlps(model))
     W = mlp.up_proj.lora_A.default.weight
     x = torch.randn(1, 12, 128, requires_grad=True)
@@ -131,7 +131,7 @@ def test_offload_and_tiled_mlp_with_dropout_and_a_batch_give_the_tiled_models_gr
     """Offloaded checkpointing with the tiled MLP, dropout on, two sequences per batch: the forward under no_grad
     slices the MLP as the recomputation does, so the gradients are exactly those of the tiled model without
     checkpointing (same slices, same masks)."""
-    tiled = _peft_model("lora_dropout: 0.2\n").train()
+    tiled = peft_model("lora_dropout: 0.2\n").train()
     tiled.enable_input_require_grads()
     apply_tiled_mlp(tiled, num_shards=3)
     both = copy.deepcopy(tiled)
@@ -144,7 +144,7 @@ def test_offload_and_tiled_mlp_with_dropout_and_a_batch_give_the_tiled_models_gr
 
 def test_tiled_mlp_slices_short_batches_and_copies():
     "More slices asked for than a short batch has rows per sequence, and a deep copy that must call its own MLPs."
-    ref = _peft_model("lora_dropout: 0\n").train()
+    ref = peft_model("lora_dropout: 0\n").train()
     tiled = copy.deepcopy(ref)
     apply_tiled_mlp(tiled, num_shards=4)
     copied = copy.deepcopy(tiled)
@@ -201,7 +201,7 @@ def test_training_with_offloading_and_tiled_mlp_matches_plain_checkpointing(make
     assert HOST_BUFFERS.bytes_held == 0
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.gpu
 def test_gpu_offload_and_tiled_mlp_in_bf16_autocast():
     """On the GPU, under bf16 autocast: with dropout, offloading to page-locked host buffers gives exactly the loss
     and gradients of torch's checkpointing (CUDA RNG and autocast replayed); without dropout, the tiled MLP on top
@@ -214,7 +214,7 @@ def test_gpu_offload_and_tiled_mlp_in_bf16_autocast():
         with torch.autocast("cuda", dtype=torch.bfloat16):
             loss = m(input_ids=ids, labels=ids).loss
         loss.backward()
-        return loss.item(), _lora_grads(m)
+        return loss.item(), lora_grads(m)
 
     for dropout in (0.1, 0.0):
         ref = _checkpointed(f"lora_dropout: {dropout}\n").cuda()

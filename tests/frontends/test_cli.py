@@ -3,7 +3,7 @@ import pathlib, subprocess, sys, re
 import pytest
 from ftlab.cli import main
 
-CONFIGS = pathlib.Path(__file__).parent / "configs"
+CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
 BAD = sorted(CONFIGS.glob("bad_*.yaml"))
 
 

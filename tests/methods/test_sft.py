@@ -5,11 +5,7 @@ from ftlab.run import Run
 from ftlab.events import read_metrics
 from ftlab.errors import RunError, FtlabError
 
-LORA = "adapter: lora\nlora_r: 8\nlora_alpha: 16\nlora_target_linear: true\nlearning_rate: 0.002\nmicro_batch_size: 8\n"
-
-
-def logs(run):
-    return [r for r in read_metrics(run.output_dir) if r["event"] == "log"]
+from run_helpers import LORA, logs
 
 
 def test_lora_run_learns_and_writes_metrics(make_cfg):

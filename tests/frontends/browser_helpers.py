@@ -10,7 +10,7 @@
   spans and their computed colours), with a screenshot; `inspect_in_jupyterlab` does it all for one notebook.
 
 Run directly to check any executed notebook in JupyterLab:
-    python tests/browser_helpers.py EXECUTED.ipynb --screenshot shot.png
+    python tests/frontends/browser_helpers.py EXECUTED.ipynb --screenshot shot.png
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS = Path(os.environ.get("FTLAB_ARTIFACTS") or ROOT / "tests" / "artifacts")
 
 # ----------------------------------------------------------------------------------------------------------------

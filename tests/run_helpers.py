@@ -1,0 +1,10 @@
+"""Small pieces several test rooms share (importable from any of them: pytest puts tests/ on the path for conftest.py)."""
+from ftlab.events import read_metrics
+
+# a LoRA config fragment that visibly learns on the tiny model in a few steps
+LORA = "adapter: lora\nlora_r: 8\nlora_alpha: 16\nlora_target_linear: true\nlearning_rate: 0.002\nmicro_batch_size: 8\n"
+
+
+def logs(run):
+    "The run's training log records, from its metrics.jsonl."
+    return [r for r in read_metrics(run.output_dir) if r["event"] == "log"]
