@@ -71,10 +71,6 @@ def _methods_words(names) -> str:
     rl = [n for n in names if n in RL_METHODS]
     return " or ".join(([f"`rl: {' / '.join(rl)}`"] if rl else []) + [method_words(n) for n in names if n not in RL_METHODS])
 
-def _reads(entry, key: str) -> bool:
-    "Whether a registry entry reads the top-level `key` (a name ending in `_` in `reads` is a prefix)."
-    return any(key == r or (r.endswith("_") and key.startswith(r)) for r in entry.reads)
-
 # %% ../../nbs/config/06_checks.ipynb #44f8177d
 def _accepted_types(kind: str) -> set[str]:
     "Dataset type names a method reading `kind` examples accepts (KTO also takes pairs, split in two)."
@@ -152,7 +148,7 @@ def check_method(cfg: Config, found: Found):
         found.error(("sample_packing",), f"sample_packing cannot be used with {method_words(m)}: the method scores whole sequences, "
                     "which must not share a row", "set `sample_packing: false`", ("rl",) if cfg.rl else (m,))
     for k in sorted(cfg.model_fields_set):
-        readers = sorted(n for n, e in methods.items() if _reads(e, k))
+        readers = sorted(n for n, e in methods.items() if e.reads_key(k))
         if readers and m not in readers:
             found.note((k,), f"`{k}` only applies to {_methods_words(readers)}; ignored with method {m}")
     for check in entry.checks: check(cfg, found)
