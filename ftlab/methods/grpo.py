@@ -11,7 +11,7 @@ from ..health import GRPO_RULES
 from ..strategies import resolve_callable
 from ..completions import store_completions
 from .registry import Panel, register_method
-from .common import LOSS_PANEL, GRAD_NORM_PANEL, make_trainer, trainer_args
+from .common import LOSS_PANEL, GRAD_NORM_PANEL, make_trainer, training_args
 
 # %% auto #0
 __all__ = ['HIDDEN_COLUMNS', 'OWN_KEYS', 'GRPO_PANELS', 'resolve_reward', 'reward_name', 'reward_rows', 'check_reward_functions',
@@ -158,7 +158,6 @@ def grpo_args(cfg, n_train: int, has_eval: bool) -> dict:
     "GRPOConfig keyword arguments from the shared training arguments and the `trl:` section."
     import dataclasses
     from trl import GRPOConfig
-    from ftlab.methods.common import training_args
     fields = {f.name for f in dataclasses.fields(GRPOConfig)}
     t = cfg.trl
     kw = dict(training_args(cfg, n_train, has_eval), remove_unused_columns=False, log_completions=False)
