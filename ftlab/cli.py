@@ -4,8 +4,9 @@
 
 # %% ../nbs/12_cli.ipynb #7c879b83
 from __future__ import annotations
-import argparse, math, sys
-from .errors import FtlabError
+import argparse, math, shlex, sys
+from pathlib import Path
+from .errors import ConfigError, FtlabError
 from .events import format_record
 
 # %% auto #0
@@ -14,7 +15,9 @@ __all__ = ['VLLM_MISSING', 'COMMANDS', 'cmd_validate', 'cmd_preprocess', 'cmd_tr
 
 # %% ../nbs/12_cli.ipynb #f9494584
 def _parser() -> argparse.ArgumentParser:
+    from ftlab import __version__
     p = argparse.ArgumentParser(prog="ftlab", description="Fine-tune LLMs from a YAML config.")
+    p.add_argument("--version", action="version", version=f"ftlab {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
     def common(sp):
         sp.add_argument("config", help="path to the YAML config, or ftlab:configs/NAME.yaml for one that ships with ftlab")
@@ -26,8 +29,11 @@ def _parser() -> argparse.ArgumentParser:
     pp.add_argument("--debug", action="store_true", help="print samples with their trained tokens coloured")
     pp.add_argument("--samples", type=int, default=3, help="how many samples --debug prints")
     tp = common(sub.add_parser("train", help="train"))
-    tp.add_argument("--max-steps", type=int, default=None)
-    tp.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in output_dir")
+    tp.add_argument("--max-steps", type=int, default=None, metavar="N",
+                    help="stop after N optimizer steps (overrides `max_steps` and `num_epochs`)")
+    tp.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in output_dir")
+    tp.add_argument("--overwrite", action="store_true",
+                    help="replace a run already in output_dir (its checkpoints, logs and weights) instead of refusing")
     vp = common(sub.add_parser("vllm-serve", help="serve the config's model with vLLM for GRPO's `vllm_mode: server`"))
     vp.add_argument("--dry-run", action="store_true", help="print the server command and exit")
     return p
@@ -36,7 +42,15 @@ def _load(args, show_notes: bool = True):
     from ftlab.config import load_config
     from ftlab.assets import is_embedded, embedded_path
     # `ftlab:configs/NAME.yaml` names a config that ships with ftlab, like `ftlab:tiny` names its model.
-    path = embedded_path(args.config) if is_embedded(args.config) else args.config
+    path = embedded_path(args.config) if is_embedded(args.config) else Path(args.config).expanduser()
+    # On the command line the argument is always a file (YAML text is for the notebook and the Python API).
+    if path.is_dir():
+        found = sorted(p.name for p in path.glob("*.y*ml"))[:5]
+        raise ConfigError(f"`{args.config}` is a folder, not a config file",
+                          fix=f"name one of its configs, e.g. `{path / found[0]}`" if found else "give the path of a .yaml file")
+    if not path.exists():
+        raise ConfigError(f"config file not found: `{args.config}`",
+                          fix="check the path (relative paths start from the current directory)")
     cfg = load_config(path, overrides=args.overrides)
     if show_notes:
         for n in cfg.notes: print(f"note: {n}")
@@ -69,12 +83,17 @@ def cmd_train(args) -> int:
     from ftlab.run import Run
     from ftlab.methods import get_method
     cfg = _load(args)
+    if args.max_steps is not None: cfg = cfg.model_copy(update={"max_steps": args.max_steps})
     headline = get_method(cfg).figures
     def show(r):
         line = format_record(r, headline)
         if line: print(line, flush=True)
     run = Run(cfg, observers=[show])
-    run.train(max_steps=args.max_steps, resume=True if args.resume else None)
+    from ftlab.plan import make_plan
+    print(make_plan(cfg, run.prepare()), flush=True)       # the plan the notebook shows, before the model loads
+    run.resume_command = shlex.join(["ftlab", "train", args.config] + [w for o in args.overrides for w in ("--set", o)]
+                                    + (["--max-steps", str(args.max_steps)] if args.max_steps else []) + ["--resume"])
+    run.train(resume=True if args.resume else None, overwrite=args.overwrite)
     losses = [l for l in run.history.get("loss", []) if l is not None and not math.isnan(l)]
     if run.state == "finished":
         print(f"done: {run.output_dir}" + (f" · loss {losses[0]:.4f} → {losses[-1]:.4f}" if losses else ""))

@@ -68,6 +68,7 @@ def format_record(r: dict, headline=()) -> str | None:
         return " · ".join(parts)
     if e == "warning": return f"warning: {r['message']}"
     if e == "note": return f"note: {r['message']}"
+    if e == "phase": return f"· {r['message']}"
     if e == "health": return f"health (step {r['step']}): {r['message']} → {r['fix']}"
     if e in ("interrupted",): return r["message"]
     if e == "start": return f"training: {r['max_steps']} steps" + (f" (from step {r['step']})" if r.get("step") else "")
@@ -82,6 +83,10 @@ def event_callback(emit):
     class EventCallback(TrainerCallback):
         def __init__(self):
             self.t0 = time.time(); self.last = None; self.nan_step = self.nan_what = None
+
+        def say(self, message: str, step: int | None = None):
+            "A note from inside a step (a slow reward function), as an event like the others."
+            emit({"event": "note", "step": step, "message": message})
 
         def on_train_begin(self, args, state, control, **kw):
             self.t0 = time.time(); self.last = (self.t0, state.num_input_tokens_seen or 0)
@@ -117,6 +122,8 @@ def stop_callback():
 
     class StopCallback(TrainerCallback):
         requested = False
+        training = False      # set once the trainer starts: before it, an interrupt stops at once
+        def on_train_begin(self, args, state, control, **kw): self.training = True
         def on_step_end(self, args, state, control, **kw):
             if self.requested:
                 control.should_save = True

@@ -12,7 +12,8 @@ from typing import Callable
 __all__ = ['SFT_RULES', 'PREFERENCE_RULES', 'REWARD_RULES', 'GRPO_RULES', 'Rule', 'nonfinite_loss', 'grad_spike', 'grad_zero',
            'loss_flat', 'overfitting', 'HealthMonitor', 'margins_negative', 'accuracy_low', 'both_rewards_falling',
            'rejected_logps_rising', 'pair_accuracy_low', 'rewards_stuck_at_zero', 'no_learning_signal',
-           'entropy_collapse', 'completions_truncated', 'kl_runaway']
+           'entropy_collapse', 'completions_truncated', 'kl_runaway', 'rewards_without_signal',
+           'grad_zero_with_reward_signal']
 
 # %% ../nbs/14_health.ipynb #f5b12351
 @dataclass
@@ -183,7 +184,27 @@ def kl_runaway(logs, evals, n: int = 5, limit: float = 5.0):
         return f"the KL to the reference rose from {_mean(k[:n]):.3f} to {_mean(k[-n:]):.3f}"
     return None
 
-GRPO_RULES = _GRAD_RULES + [
+def rewards_without_signal(logs, evals, n: int = 3):
+    """Every group's completions got the same reward for `n` logs in a row (constant, all-None or all-NaN rewards):
+    the advantages are 0, so is the gradient. Said before `grad_zero` would blame the adapter's layers."""
+    z = [v for _, v in _vals(logs, "frac_reward_zero_std")]
+    if len(z) >= n and all(v >= 0.999 for v in z[-n:]):
+        g = [v for _, v in _vals(logs, "grad_norm")][-n:]
+        zero = " and the gradient norm is 0" if g and all(v == 0 for v in g) else ""
+        return (f"the rewards carry no signal: every group's completions got the same reward for the last {n} logs "
+                f"(frac_reward_zero_std 1.00){zero}, so the advantages are 0 and nothing is learned")
+    return None
+
+def grad_zero_with_reward_signal(logs, evals, n: int = 3):
+    "`grad_zero`, unless the rewards explain it (`rewards_without_signal` says so then)."
+    z = [v for _, v in _vals(logs, "frac_reward_zero_std")][-n:]
+    return None if z and all(v >= 0.999 for v in z) else grad_zero(logs, evals, n)
+
+GRPO_RULES = [r for r in _GRAD_RULES if r.name != "grad_zero"] + [
+    Rule("rewards_without_signal", rewards_without_signal, "make the reward functions score completions differently "
+         "(`run.completions()` shows the scores; all-None or constant scores give no signal), or raise `temperature` / "
+         "`num_generations` so completions differ"),
+    Rule("grad_zero", grad_zero_with_reward_signal, next(r.fix for r in SFT_RULES if r.name == "grad_zero")),
     Rule("rewards_stuck_at_zero", rewards_stuck_at_zero, "call your reward function on a few real completions (`run.completions()` shows them) and check it can return more than 0; reward partial credit (e.g. the format) as well"),
     Rule("no_learning_signal", no_learning_signal, "raise `temperature` or `num_generations` so completions differ, or give the reward function graded scores instead of all-or-nothing"),
     Rule("entropy_collapse", entropy_collapse, "lower the learning rate, raise `temperature`, or raise `trl.beta` to keep the model near the reference"),

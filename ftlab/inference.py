@@ -6,6 +6,7 @@
 from __future__ import annotations
 from pathlib import Path
 from .errors import FtlabError
+from .quiet import quiet_libraries
 
 # %% auto #0
 __all__ = ['Reply', 'weights_dir', 'inference_model', 'chat', 'score', 'save', 'merge']
@@ -27,6 +28,7 @@ def weights_dir(run) -> Path:
 def inference_model(run):
     "(model, tokenizer) of a run for generation or scoring: the trained model in memory, else loaded from its folder."
     if run.loaded is not None: return run.loaded
+    quiet_libraries()
     if run.trainer is not None:
         model = run.trainer.model
     else:
@@ -36,11 +38,15 @@ def inference_model(run):
         head = get_method(run.cfg).head
         d = weights_dir(run)
         run.tokenizer = run.tokenizer or load_tokenizer(run.cfg)
-        if (d / "adapter_config.json").exists():
+        adapter = (d / "adapter_config.json").exists()
+        if adapter:
             from peft import PeftModel
             model = PeftModel.from_pretrained(load_model(run.cfg, run.tokenizer, head), str(d))
         else:
             model = load_model(run.cfg.model_copy(update={"base_model": str(d)}), run.tokenizer, head)
+        # one line on what answers from here on: which weights, from where (a checkpoint says so by its name)
+        print(f"loaded the trained {'adapter' if adapter else 'model'} from {d}"
+              + (f" on {run.cfg.base_model}" if adapter else ""), flush=True)
     run.loaded = (model, run.tokenizer)
     return run.loaded
 
@@ -97,6 +103,7 @@ def save(run, path) -> Path:
 
 def merge(run, path) -> Path:
     "Merge a run's LoRA adapter into the base model and save a standalone model folder at `path`."
+    quiet_libraries()
     import transformers
     from ftlab.model import torch_dtype
     from ftlab.tokenizer import load_tokenizer, model_path

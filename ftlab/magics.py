@@ -19,10 +19,11 @@ def _flag_parser() -> argparse.ArgumentParser:
     p.add_argument("--name")
     p.add_argument("--max-steps", type=int)
     p.add_argument("--resume", action="store_true")
+    p.add_argument("--overwrite", action="store_true")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     return p
 
-FLAGS_HELP = "%%finetune [--dry-run] [--name NAME] [--max-steps N] [--resume] [--set key.sub=value ...]"
+FLAGS_HELP = "%%finetune [--dry-run] [--name NAME] [--max-steps N] [--resume] [--overwrite] [--set key.sub=value ...]"
 
 def parse_flags(line: str):
     "The `%%finetune` line's flags, or an FtlabError saying what is wrong with them."
@@ -103,6 +104,7 @@ class FtlabMagics(Magics):
         cfg = load_config(cell, overrides=args.overrides, name="%%finetune cell")
         if args.max_steps is not None: cfg = cfg.model_copy(update={"max_steps": args.max_steps})
         run = Run(cfg, namespace=self.shell.user_ns)
+        run.resume_command = shlex.join(["%%finetune", "--resume"] + [w for o in args.overrides for w in ("--set", o)])
         name = args.name or f"run{len(self.runs) + 1}"
         self.runs[name] = run
         if args.name: self.shell.user_ns[args.name] = run
@@ -115,7 +117,7 @@ class FtlabMagics(Magics):
         dash = Dashboard.for_run(run, history=args.resume)
         run.observers.append(dash)
         try:
-            run.train(resume=True if args.resume else None)
+            run.train(resume=True if args.resume else None, overwrite=args.overwrite)
         finally:
             run.observers.remove(dash)
             dash.close()

@@ -9,8 +9,8 @@ from .tokenizer import model_path, load_error
 
 # %% auto #0
 __all__ = ['KERNEL_KEYS', 'device_info', 'training_dtype', 'torch_dtype', 'attn_implementation', 'attention_note',
-           'quantization_config', 'load_model', 'lora_config', 'load_adapter', 'apply_kernels', 'count_parameters',
-           'apply_long_context', 'long_context_callback']
+           'quantization_config', 'load_model', 'lora_config', 'load_adapter', 'check_lora_targets', 'apply_kernels',
+           'count_parameters', 'apply_long_context', 'long_context_callback']
 
 # %% ../nbs/08_model.ipynb #a4f255bd
 def device_info() -> dict:
@@ -110,6 +110,19 @@ def load_adapter(model, cfg):
     try: return PeftModel.from_pretrained(model, cfg.lora_model_dir, is_trainable=True)
     except Exception as e:
         raise load_error("adapter", cfg.lora_model_dir, e, "lora_model_dir") from None
+
+# %% ../nbs/08_model.ipynb #a524249e
+def check_lora_targets(lora, model):
+    "Refuse `lora_target_modules` that match no layer of `model` (PEFT's own matching), naming the layers it has."
+    if lora is None or lora.target_modules is None or lora.target_modules == "all-linear": return
+    import torch
+    from peft.tuners.tuners_utils import check_target_module_exists
+    names = [n for n, _ in model.named_modules() if n]
+    if any(check_target_module_exists(lora, n) for n in names): return
+    linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+    given = lora.target_modules if isinstance(lora.target_modules, str) else ", ".join(sorted(lora.target_modules))
+    raise FtlabError(f"`lora_target_modules` names no layer of this model ({given})", key="lora_target_modules",
+                     fix=f"use names of its linear layers ({', '.join(linear)}) or `lora_target_linear: true`")
 
 # %% ../nbs/08_model.ipynb #8b6817ae
 KERNEL_KEYS = {"qkv": "lora_qkv_kernel", "o": "lora_o_kernel", "mlp": "lora_mlp_kernel"}

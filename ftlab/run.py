@@ -4,15 +4,18 @@
 
 # %% ../nbs/11_run.ipynb #dd2db916
 from __future__ import annotations
-import contextlib, math, signal, threading, time, warnings
+import contextlib, signal, threading
 from pathlib import Path
 from typing import Callable
 from .errors import FtlabError, RunError
 from .events import MetricsLog, read_metrics, history, event_callback, stop_callback
 from .inference import chat, score, save, merge
+from .quiet import quiet_libraries
+from .runfolder import (DiskFullError, RunLock, atomic_checkpoints, claim_folder, disk_full_error, find_checkpoint, is_disk_full,
+                        last_step, run_status)
 
 # %% auto #0
-__all__ = ['NAN_CAUSES', 'Run', 'find_checkpoint', 'quiet_libraries']
+__all__ = ['NAN_CAUSES', 'Run']
 
 # %% ../nbs/11_run.ipynb #5790c7f9
 class Run:
@@ -26,13 +29,16 @@ class Run:
         self.loaded = None          # (model, tokenizer) loaded for chat / score (see ftlab.inference)
         self.state = "new"          # new → prepared → training → finished | interrupted | failed
         self.stopped_at = None
+        # how the person continues an interrupted run, in their front end's words (the CLI and the cell set it)
+        self.resume_command = "run.train(resume=True)"
+        self.writes_folder = False  # whether events go to output_dir yet: not before the config and data are valid
 
     @property
     def output_dir(self) -> Path: return Path(self.cfg.output_dir)
 
     def emit(self, record: dict):
         "Write an event to metrics.jsonl, then hand it to each observer; health findings follow as their own events."
-        MetricsLog(self.output_dir).write(record)
+        if self.writes_folder: MetricsLog(self.output_dir).write(record)
         for obs in self.observers: obs(record)
         if self.health is not None:
             for finding in self.health(record): self.emit(finding)
@@ -46,10 +52,18 @@ class Run:
         from ftlab.prepare import prepare_datasets
         if self.prepared is None:
             quiet_libraries()
+            self.phase(f"loading the tokenizer of {self.cfg.base_model}")
             self.tokenizer = load_tokenizer(self.cfg)
+            n = len(self.cfg.datasets or []) + len(self.cfg.test_datasets or [])
+            self.phase(f"preparing {n} dataset{'s' if n != 1 else ''}")
             self.prepared = prepare_datasets(self.cfg, self.tokenizer, self.namespace)
+            self.phase(f"data{' (from cache)' if self.prepared.cached else ''}: {self.prepared.report.summary()}")
             self.state = "prepared"
         return self.prepared
+
+    def phase(self, message: str):
+        "Say what the run is doing now (loading, preparing), so that a long silence never looks like a hang."
+        self.emit({"event": "phase", "step": None, "message": message})
 
     @property
     def history(self):
@@ -66,80 +80,99 @@ class Run:
     def __repr__(self): return f"Run({self.cfg.method}, {self.cfg.base_model!r}, {self.state}, output_dir={str(self.output_dir)!r})"
 
 # %% ../nbs/11_run.ipynb #03f52730
-def find_checkpoint(cfg, resume) -> str | None:
-    "The checkpoint folder to resume from, or None to start fresh."
-    from transformers.trainer_utils import get_last_checkpoint
-    if resume in (None, False): return None
-    out = Path(cfg.output_dir)
-    if resume is True or resume == "true":
-        ckpt = get_last_checkpoint(str(out)) if out.exists() else None
-        if ckpt is None:
-            raise RunError(f"there is no checkpoint in `{out}` to resume from", key="resume_from_checkpoint",
-                           fix="train without resuming first, or point `resume_from_checkpoint` at a checkpoint folder")
-        return ckpt
-    if not Path(resume).exists():
-        raise RunError(f"checkpoint `{resume}` does not exist", key="resume_from_checkpoint",
-                       fix=f"use `true` for the newest checkpoint in {out}, or an existing checkpoint-N folder")
-    return str(resume)
+def _resume_plan(cfg, ckpt: str, records: list[dict]) -> tuple[bool, list[str]]:
+    "Whether the run being resumed is already complete, and warnings about how resuming changes it."
+    import json
+    planned = json.loads((Path(ckpt) / "trainer_state.json").read_text()).get("max_steps") or 0
+    target = cfg.max_steps or planned
+    if run_status(records) == "finished" and last_step(records) >= target: return True, []
+    if cfg.max_steps and planned and cfg.max_steps != planned:
+        return False, [f"`max_steps` is {cfg.max_steps} now but the run was planned for {planned} steps: the learning-rate "
+                       f"schedule is stretched to the new length from {Path(ckpt).name} on, so the rate jumps there"]
+    return False, []
 
 # %% ../nbs/11_run.ipynb #fabdd030
 NAN_CAUSES = ("the learning rate is too high for this model (try 10x lower), fp16 overflow (use `bf16: auto`), "
               "or rows with no trained tokens in a batch")
 
 @contextlib.contextmanager
-def _graceful_sigint(stop):
-    "First SIGINT: ask the trainer to checkpoint and stop after this step. Second: interrupt now."
+def _stop_signals(stop):
+    """SIGINT (Ctrl-C, the notebook's stop button) and SIGTERM: the first asks the trainer to checkpoint and stop
+    after this step. A second one, or any before training has started, interrupts at once."""
     if threading.current_thread() is not threading.main_thread():
         yield; return
-    previous = signal.getsignal(signal.SIGINT)
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     def handler(signum, frame):
-        if stop.requested: raise KeyboardInterrupt
-        stop.requested = True
-    signal.signal(signal.SIGINT, handler)
+        again = stop.requested
+        stop.requested = True       # kept even when the KeyboardInterrupt below is swallowed (e.g. inside a __del__)
+        if again or not stop.training: raise KeyboardInterrupt
+    for s in previous: signal.signal(s, handler)
     try: yield
-    finally: signal.signal(signal.SIGINT, previous)
+    finally:
+        for s, h in previous.items(): signal.signal(s, h)
 
-def quiet_libraries():
-    "Progress bars and notices from datasets/transformers would bury ftlab's own progress lines."
-    import logging
-    # On CPU, bitsandbytes logs that an optional hub kernel is missing; it falls back to its own code.
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-    import datasets, transformers
-    datasets.disable_progress_bars()
-    transformers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.set_verbosity_error()
-    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-
-def _train(self, max_steps: int | None = None, resume=None, callbacks=()):
-    "Train to the end (or `max_steps`); returns self. `callbacks` are extra `TrainerCallback`s."
+def _train(self, max_steps: int | None = None, resume=None, callbacks=(), overwrite: bool = False):
+    """Train to the end (or `max_steps`); returns self. `resume`: True for the newest complete checkpoint, or a path;
+    `overwrite`: replace a run already in `output_dir`; `callbacks`: extra `TrainerCallback`s."""
     quiet_libraries()
-    import transformers
-    from ftlab.model import load_model, load_adapter
     from ftlab.methods import get_method
     cfg = self.cfg
     if max_steps is not None: cfg = self.cfg = cfg.model_copy(update={"max_steps": max_steps})
     method = get_method(cfg)
-    resume = cfg.resume_from_checkpoint if resume is None else resume
-    ckpt = find_checkpoint(cfg, resume)
-    self.output_dir.mkdir(parents=True, exist_ok=True)
-    log = self.output_dir / "metrics.jsonl"
-    if ckpt is None and log.exists():
-        # A fresh run in a used folder: keep the old log beside it rather than mixing two runs in one history.
-        log.rename(log.with_name(f"metrics.{time.strftime('%Y%m%d-%H%M%S')}.jsonl"))
-    (self.output_dir / "config.yaml").write_text(cfg.to_yaml())
-    prepared = self.prepare()
-    for w in prepared.warnings(): self.warn(w)
-    # checks that need the data but not the model (GRPO's reward functions, a vLLM server) run before it loads
-    extra = method.preflight(cfg, prepared, self.tokenizer, self.namespace) if method.preflight else {}
+    stop = stop_callback()
+    lock = RunLock(self.output_dir)
+    with _stop_signals(stop):
+        try:
+            ckpt, notes = find_checkpoint(cfg, resume)
+            prepared = self.prepare()            # a bad dataset fails here, before anything in output_dir changes
+            # checks that need the data but not the model (GRPO's reward functions, a vLLM server)
+            extra = method.preflight(cfg, prepared, self.tokenizer, self.namespace) if method.preflight else {}
+            lock.acquire()
+            notes += claim_folder(cfg, resuming=ckpt is not None, overwrite=overwrite)
+            if ckpt is not None:
+                done, warns = _resume_plan(cfg, ckpt, read_metrics(self.output_dir))
+                if done:
+                    self.state = "finished"
+                    for obs in self.observers:
+                        obs({"event": "note", "step": None, "message": f"the run in {self.output_dir} is complete "
+                             f"(step {last_step(self.records)}): nothing to resume. Raise `max_steps` to train further."})
+                    return self
+                notes += warns
+            self.writes_folder = True
+            (self.output_dir / "config.yaml").write_text(cfg.to_yaml())
+            for n in notes: self.emit({"event": "note", "step": None, "message": n})
+            for w in prepared.warnings(): self.warn(w)
+            return _fit(self, cfg, method, prepared, extra, ckpt, stop, callbacks)
+        except KeyboardInterrupt:
+            if stop.training: raise
+            return _stopped_before_training(self)
+        finally:
+            lock.release()
+
+def _stopped_before_training(self):
+    self.state = "interrupted"
+    record = {"event": "interrupted", "step": 0, "checkpoint": None,
+              "message": "interrupted before training started; nothing was trained or saved"}
+    if self.writes_folder: self.emit(record)
+    else:
+        for obs in self.observers: obs(record)
+    return self
+
+def _fit(self, cfg, method, prepared, extra, ckpt, stop, callbacks):
+    "Load the model, build the method's trainer and train it; the endings become events."
+    import transformers
+    from ftlab.model import load_model, load_adapter, apply_kernels, attention_note, long_context_callback
+    from ftlab.health import HealthMonitor
     transformers.set_seed(cfg.seed)
+    self.phase(f"loading the model {cfg.base_model}" + (f" ({cfg.adapter})" if cfg.adapter else " (full fine-tuning)"))
     model = load_model(cfg, self.tokenizer, method.head)
     if cfg.lora_model_dir: model = load_adapter(model, cfg)
-    from ftlab.health import HealthMonitor
     self.health = HealthMonitor(method.rules)
-    events, stop = event_callback(self.emit), stop_callback()
+    events = event_callback(self.emit)
     self.loaded = None  # a model loaded earlier for chat() is not the one about to be trained
+    self.phase(f"building the {cfg.method} trainer")
     self.trainer = trainer = method.build(cfg, method, model, self.tokenizer, prepared, [events, *callbacks, stop], **extra)
-    from ftlab.model import apply_kernels, attention_note, long_context_callback
+    atomic_checkpoints(trainer)
     for note in (attention_note(cfg), apply_kernels(cfg, trainer.model)):
         if note: self.emit({"event": "note", "step": 0, "message": note})
     long_ctx = long_context_callback(cfg, self.emit) if cfg.offload_activations or cfg.tiled_mlp else None
@@ -147,17 +180,25 @@ def _train(self, max_steps: int | None = None, resume=None, callbacks=()):
     # ftlab's observers report progress; the trainer's own printing would say it twice.
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
     for cb in (PrinterCallback, ProgressCallback): trainer.remove_callback(cb)
+    if stop.requested: return _stopped_before_training(self)   # an interrupt during the load that a library swallowed
     self.state = "training"
     try:
-        with _graceful_sigint(stop):
-            trainer.train(resume_from_checkpoint=ckpt)
+        trainer.train(resume_from_checkpoint=ckpt)
     except KeyboardInterrupt:
         # Interrupted inside a step: the weights and optimizer still hold the last completed step, so a normal
         # checkpoint of that step is consistent and resumable.
         stop.requested = True
-        trainer._save_checkpoint(trainer.model, trial=None)
+        _save_now(self, trainer)
+    except FtlabError as e:
+        # A mistake found during training (a reward function failing at a step). The weights hold the last
+        # completed step: save them, so that after the fix the run resumes instead of starting again.
+        self.state = "failed"
+        if not isinstance(e, DiskFullError): _save_before_failing(self, trainer, e)
+        _end(self, trainer.state.global_step, "failed", str(e))
+        raise
     except Exception as e:
         self.state = "failed"
+        _end(self, trainer.state.global_step, "failed", f"{type(e).__name__}: {e}")
         if type(e).__name__ == "OutOfMemoryError":
             raise RunError(f"out of memory at step {trainer.state.global_step}",
                            fix="lower `micro_batch_size` or `sequence_len`, turn on `gradient_checkpointing` "
@@ -169,30 +210,44 @@ def _train(self, max_steps: int | None = None, resume=None, callbacks=()):
     step = trainer.state.global_step
     if events.nan_step is not None:
         self.state = "failed"
-        self.emit({"event": "end", "step": step, "status": "nan"})
+        _end(self, step, "nan")
         what = "loss" if events.nan_what == "loss" else "gradient norm"
         raise RunError(f"the {what} became NaN at step {events.nan_step}; training stopped", fix=f"likely causes: {NAN_CAUSES}")
     if stop.requested:
         self.state, self.stopped_at = "interrupted", step
         self.emit({"event": "interrupted", "step": step, "checkpoint": f"checkpoint-{step}",
-                   "message": f"interrupted at step {step}; checkpoint saved. Resume with `ftlab train --resume` "
-                              f"or `%%finetune --resume`."})
+                   "message": f"interrupted at step {step}. Resume with `{self.resume_command}`"})
         return self
-    trainer.save_model(str(self.output_dir))
-    self.tokenizer.save_pretrained(str(self.output_dir))
+    try:
+        trainer.save_model(str(self.output_dir))
+        self.tokenizer.save_pretrained(str(self.output_dir))
+    except Exception as e:
+        if not is_disk_full(e, self.output_dir): raise
+        self.state = "failed"
+        raise disk_full_error(self.output_dir, "the final model") from None
     self.state = "finished"
-    self.emit({"event": "end", "step": step, "status": "finished"})
+    _end(self, step, "finished")
     return self
+
+def _save_now(self, trainer):
+    "A checkpoint of the last completed step, outside the trainer's own schedule, reported like the others."
+    trainer._save_checkpoint(trainer.model, trial=None)
+    step = trainer.state.global_step
+    self.emit({"event": "save", "step": step, "checkpoint": f"checkpoint-{step}"})
+
+def _save_before_failing(self, trainer, error):
+    try: _save_now(self, trainer)
+    except Exception: return                      # the original error is the one to report
+    error.problems[0].message += f" (saved checkpoint-{trainer.state.global_step}; resume with `{self.resume_command}` after the fix)"
+
+def _end(self, step, status, message=None):
+    "The run's `end` event; on a full disk the log may not take it, and the error being raised matters more."
+    try: self.emit({"event": "end", "step": step, "status": status, **({"message": message} if message else {})})
+    except OSError: pass
 
 Run.train = _train
 
 # %% ../nbs/11_run.ipynb #6840ce5d
-def _status_from(records: list[dict]) -> str:
-    ends = [r for r in records if r.get("event") in ("end", "interrupted")]
-    if not ends: return "incomplete" if records else "new"
-    last = ends[-1]
-    return "interrupted" if last["event"] == "interrupted" else ("finished" if last.get("status") == "finished" else "failed")
-
 @classmethod
 def _load(cls, output_dir, namespace: dict | None = None, observers=None) -> "Run":
     "Reopen the run saved in `output_dir` (its config.yaml and metrics.jsonl)."
@@ -204,7 +259,7 @@ def _load(cls, output_dir, namespace: dict | None = None, observers=None) -> "Ru
     cfg = load_config(p / "config.yaml", check_support=False, require_datasets=False)
     run = cls(cfg.model_copy(update={"output_dir": str(p)}), namespace, observers)
     records = run.records
-    run.state = _status_from(records)
+    run.state = run_status(records)
     if run.state == "interrupted": run.stopped_at = [r for r in records if r["event"] == "interrupted"][-1]["step"]
     return run
 

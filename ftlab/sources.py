@@ -10,7 +10,7 @@ from .errors import FtlabError, DataError
 from .assets import is_embedded, embedded_path
 
 # %% auto #0
-__all__ = ['EXTENSION_TYPES', 'from_object', 'load_source', 'source_fingerprint']
+__all__ = ['EXTENSION_TYPES', 'from_object', 'utf8_problem', 'file_problem', 'load_source', 'source_fingerprint']
 
 # %% ../nbs/04_sources.ipynb #67bc8c6a
 EXTENSION_TYPES = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text", ".arrow": "arrow"}
@@ -46,11 +46,51 @@ def _split_slice(ds, split: str | None):
     (abs_,) = ri.to_absolute({name: len(ds)})
     return ds.select(range(abs_.from_ or 0, abs_.to if abs_.to is not None else len(ds)))
 
+# %% ../nbs/04_sources.ipynb #01fb32f1
+def utf8_problem(path) -> str | None:
+    """The first line of a text file that is not UTF-8, in words (None: it all is). pyarrow reads some such bytes
+    without a word, and the rows then carry garbled text; so text formats are checked before they load."""
+    import codecs
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    try:
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 20): decoder.decode(chunk)
+            decoder.decode(b"", final=True)
+        return None
+    except UnicodeDecodeError:
+        pass
+    data = Path(path).read_bytes()      # only for a broken file: find the place exactly
+    try: data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        return f"line {line} is not UTF-8 text (byte 0x{data[e.start]:02x}); save the file as UTF-8"
+    return None
+
+def file_problem(path, kind: str | None) -> str | None:
+    "What is wrong with a local data file, with its line number; None when nothing is found."
+    data = Path(path).read_bytes()
+    if not data.strip(): return "the file is empty"
+    text = utf8_problem(path)
+    if text: return text
+    if kind != "json": return None
+    text = data.decode("utf-8")
+    import json
+    if Path(path).suffix.lower() == ".json" and text.lstrip()[:1] in "[{":
+        try: json.loads(text); return None
+        except json.JSONDecodeError as e: return f"line {e.lineno}: {e.msg}"
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip(): continue
+        try: row = json.loads(line)
+        except json.JSONDecodeError as e: return f"line {n} is not valid JSON ({e.msg}, column {e.colno})"
+        if not isinstance(row, dict): return f"line {n} is a JSON {type(row).__name__}, not an object (one row per line)"
+    return None
+
 # %% ../nbs/04_sources.ipynb #cd34e514
 def load_source(ds_cfg, namespace: dict | None = None):
     "Load the rows of one `datasets:` entry as a `datasets.Dataset`."
     import datasets
     path, split = ds_cfg.path, ds_cfg.split
+    local = None
     try:
         if isinstance(path, str) and path.startswith("@"):
             ns = namespace or {}
@@ -68,6 +108,8 @@ def load_source(ds_cfg, namespace: dict | None = None):
                 kind = ds_cfg.ds_type or EXTENSION_TYPES.get(local.suffix.lower())
                 if kind is None:
                     raise DataError(f"cannot tell the format of `{local.name}`", fix="set `ds_type: json|csv|parquet|text`")
+                bad = utf8_problem(local) if kind in ("json", "csv", "text") else None
+                if bad: raise DataError(f"cannot load dataset `{path}`: {bad}", fix="save the file as UTF-8 text")
                 ds = datasets.load_dataset(kind, data_files=str(local), split=split or "train")
         else:
             if path.startswith((".", "/", "~")) or Path(path).suffix.lower() in EXTENSION_TYPES:
@@ -79,6 +121,10 @@ def load_source(ds_cfg, namespace: dict | None = None):
             for p in e.problems: p.source = str(path)
         raise
     except Exception as e:
+        found = file_problem(local, ds_cfg.ds_type or EXTENSION_TYPES.get(local.suffix.lower())) \
+            if isinstance(path, str) and local.is_file() else None
+        if found: raise DataError(f"cannot load dataset `{path}`: {found}",
+                                  fix="correct the file (or leave the broken rows out)") from None
         msg = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
         raise DataError(f"cannot load dataset `{path}`: {msg}",
                         fix="check the path or hub id, `name`, `split` and `data_files`; hub datasets need the network") from None

@@ -48,7 +48,8 @@ def graph():
             # `import ftlab.a.b` needs ftlab.a.b; the parent packages run first but are not what the code uses
             while target not in mods and "." in target: target = target.rsplit(".", 1)[0]
             if target != name and target in mods and target != "ftlab": edges[name].add(target)
-            private += [f"{name} imports {n} from {target}" for n in names if n.startswith("_") and target != name]
+            private += [f"{name} imports {n} from {target}" for n in names
+                        if n.startswith("_") and not n.startswith("__") and target != name]
     return edges, private
 
 

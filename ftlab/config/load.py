@@ -17,7 +17,7 @@ from .values import close_match, key_text, value_text
 from ..errors import ConfigError, Problem
 
 # %% auto #0
-__all__ = ['load_config', 'check_supported']
+__all__ = ['counts_not_flags', 'load_config', 'check_supported']
 
 # %% ../../nbs/config/07_load.ipynb #134dffd2
 def _suggest(key, cls, path) -> tuple[str, str]:
@@ -45,6 +45,10 @@ def _check_keys(data: dict, cls, path: tuple, where: Where, problems: list, note
             continue
         if value is None: continue        # an empty value means "not set"
         kind = cls.key_kind(key)
+        if kind == "field" and isinstance(value, bool) and counts_not_flags(cls, key):
+            problems.append(where.problem(kp, f"`{key_text(kp)}` is a number, not true/false",
+                                          fix=f"write a number, e.g. `{key}: {cls.model_fields[key].default or 1}`"))
+            continue
         if kind == "field":
             if key in cls.SECTIONS and isinstance(value, dict):
                 value = _check_keys(value, cls.SECTIONS[key], kp, where, problems, notes)
@@ -61,6 +65,17 @@ def _check_keys(data: dict, cls, path: tuple, where: Where, problems: list, note
             hint, fix = _suggest(key, cls, path)
             problems.append(where.problem(kp, f"unknown key `{key}`{hint}", fix=fix))
     return out
+
+# %% ../../nbs/config/07_load.ipynb #7181d103
+def counts_not_flags(cls, key: str) -> bool:
+    "Whether a field takes numbers and never true/false (pydantic would read `true` as 1 there)."
+    import typing
+    def kinds(t):
+        if t in (int, float, bool): return {t}
+        if typing.get_origin(t) is typing.Literal: return {type(a) for a in typing.get_args(t)}
+        return set().union(*(kinds(a) for a in typing.get_args(t))) if typing.get_args(t) else set()
+    found = kinds(cls.model_fields[key].annotation) if key in cls.model_fields else set()
+    return bool(found & {int, float}) and bool not in found
 
 # %% ../../nbs/config/07_load.ipynb #c6a5521d
 def _read_source(source, base_dir, name):

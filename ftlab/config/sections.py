@@ -25,7 +25,8 @@ def F(default=None, desc: str = "", **kw):
 
 class Section(BaseModel):
     "A mapping of a config: its fields, the keys it ignores or has not built yet, and the sections it nests."
-    model_config = ConfigDict(extra="allow", coerce_numbers_to_str=True, protected_namespaces=(), validate_default=False)
+    model_config = ConfigDict(extra="allow", coerce_numbers_to_str=True, protected_namespaces=(), validate_default=False,
+                              allow_inf_nan=False)   # `learning_rate: 1e400` is a mistake, not infinity
     IGNORED: ClassVar[dict[str, str]] = {}
     IGNORED_PREFIXES: ClassVar[dict[str, str]] = {}
     UNSUPPORTED: ClassVar[dict[str, str]] = {}

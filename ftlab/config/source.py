@@ -14,7 +14,7 @@ from .values import inline_yaml, key_path, key_text, value_text
 from ..errors import ConfigError, Problem
 
 # %% auto #0
-__all__ = ['Where', 'parse_yaml', 'looks_like_path', 'read_file', 'parse_overrides', 'apply_override']
+__all__ = ['MAX_CONFIG_VALUES', 'Where', 'parse_yaml', 'looks_like_path', 'read_file', 'parse_overrides', 'apply_override']
 
 # %% ../../nbs/config/04_source.ipynb #f8b5fa95
 class Where:
@@ -55,13 +55,20 @@ def _node_key(k):
     try: return yaml.safe_load(k.value)
     except Exception: return k.value
 
-def _walk_nodes(node, path, where: Where, dups: list, weak: bool = False):
+MAX_CONFIG_VALUES = 100_000   # a config has hundreds; nested aliases (a "YAML bomb") would expand to billions
+
+def _walk_nodes(node, path, where: Where, dups: list, weak: bool = False, budget: list | None = None):
+    budget = [MAX_CONFIG_VALUES] if budget is None else budget
+    budget[0] -= 1
+    if budget[0] < 0:
+        raise ConfigError(f"the config expands to more than {MAX_CONFIG_VALUES:,} values (YAML aliases nested in "
+                          "aliases?)", line=node.start_mark.line + 1, fix="write the values out, or use fewer nested `*alias` references")
     if isinstance(node, yaml.MappingNode):
         seen = {}
         for k, v in node.value:
             if k.tag == "tag:yaml.org,2002:merge":   # `<<: *anchor`: explicit keys win
                 for sub in (v.value if isinstance(v, yaml.SequenceNode) else [v]):
-                    _walk_nodes(sub, path, where, dups, weak=True)
+                    _walk_nodes(sub, path, where, dups, True, budget)
                 continue
             key = _node_key(k)
             try: hash(key)
@@ -71,11 +78,11 @@ def _walk_nodes(node, path, where: Where, dups: list, weak: bool = False):
             seen[key] = line
             if weak: where.lines.setdefault(path + (key,), line)
             else: where.lines[path + (key,)] = line
-            _walk_nodes(v, path + (key,), where, dups, weak)
+            _walk_nodes(v, path + (key,), where, dups, weak, budget)
     elif isinstance(node, yaml.SequenceNode):
         for i, item in enumerate(node.value):
             where.lines[path + (i,)] = item.start_mark.line + 1
-            _walk_nodes(item, path + (i,), where, dups, weak)
+            _walk_nodes(item, path + (i,), where, dups, weak, budget)
 
 def _yaml_fix(problem: str, line_text: str) -> str:
     p = problem or ""
@@ -107,6 +114,9 @@ def parse_yaml(text: str, name: str | None = None, *, allow_empty: bool = False)
             where.root_line = node.start_mark.line + 1
             _walk_nodes(node, (), where, dups)
         data = loader.construct_document(node) if node is not None else None
+    except ConfigError as e:        # the walk's own findings (a config that expands without bound)
+        for p in e.problems: p.source = p.source or name
+        raise
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         line = mark.line + 1 if mark else None

@@ -97,8 +97,11 @@ def select(ds, columns):
 
 def peft_config(cfg, method, model):
     "The LoRA config TRL should put on `model`: None for full fine-tuning or a model that has its adapter already."
-    from ftlab.model import lora_config
-    return lora_config(cfg, method.head) if not hasattr(model, "peft_config") else None
+    from ftlab.model import lora_config, check_lora_targets
+    if hasattr(model, "peft_config"): return None
+    lora = lora_config(cfg, method.head)
+    check_lora_targets(lora, model)
+    return lora
 
 def frozen_copy_needed(cfg, method) -> bool:
     "Whether the method's reference model is a frozen copy of the weights (full fine-tuning without precomputed log-probs)."

@@ -12,6 +12,7 @@ from ..strategies import resolve_callable
 from ..completions import store_completions
 from .registry import Panel, register_method
 from .common import LOSS_PANEL, GRAD_NORM_PANEL, make_trainer, training_args
+from .reward_calls import guard_reward
 
 # %% auto #0
 __all__ = ['HIDDEN_COLUMNS', 'OWN_KEYS', 'GRPO_PANELS', 'resolve_reward', 'reward_name', 'reward_rows', 'check_reward_functions',
@@ -236,8 +237,10 @@ def build_grpo(cfg, method, model, tokenizer, prepared, callbacks=(), reward_fun
     train, evalset = reward_rows(prepared.train), reward_rows(prepared.eval)
     args = GRPOConfig(**grpo_args(cfg, len(train), evalset is not None))
     extra = {"rollout_func": rollout_func} if rollout_func is not None else {}
+    say = next((c.say for c in callbacks if hasattr(c, "say")), print)
+    guarded = [f if isinstance(f, str) else guard_reward(f, reward_name(f), say) for f in reward_funcs or []]
     trainer = make_trainer(_grpo_trainer_class(), cfg, method, model, tokenizer, args, train, evalset, callbacks,
-                           reward_funcs=reward_funcs, **extra)
+                           reward_funcs=guarded, **extra)
     trainer.store = cfg.trl.log_completions is not False
     if cfg.trl.use_vllm: _fit_vllm_weight_sync(trainer)
     return trainer

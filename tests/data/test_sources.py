@@ -64,3 +64,18 @@ def test_fingerprint_follows_content(make_cfg):
     assert a == source_fingerprint(load_source(cfg, {"rows": [dict(r) for r in ROWS]}))
     changed = [dict(r) for r in ROWS]; changed[9]["output"] = "nine"
     assert a != source_fingerprint(load_source(cfg, {"rows": changed}))
+
+
+@pytest.mark.parametrize("content, expect", [
+    (b'{"instruction": "a", "output": "b"}\n{"instruction": "c", "output": \n', "line 2 is not valid JSON"),
+    (b"", "the file is empty"),
+    (b'{"instruction": "a", "output": "b"}\n{"instruction": "caf\xe9", "output": "b"}\n', "line 2 is not UTF-8 text (byte 0xe9)"),
+    (b'{"instruction": "a", "output": "b"}\n[1, 2]\n', "line 2 is a JSON list, not an object"),
+])
+def test_broken_data_files_name_the_line(make_cfg, tmp_path, content, expect):
+    "What `datasets` reports as 'An error occurred while generating the dataset' or StopIteration, with the line."
+    f = tmp_path / "rows.jsonl"; f.write_bytes(content)
+    with pytest.raises(DataError) as e:
+        load_source(ds_cfg(make_cfg, f))
+    assert expect in str(e.value) and "rows.jsonl" in str(e.value)
+    assert "An error occurred" not in str(e.value) and "StopIteration" not in str(e.value)

@@ -122,3 +122,61 @@ def test_vllm_serve_console_script_without_vllm(tmp_path):
     exe = pathlib.Path(sys.executable).parent / "ftlab"
     r = subprocess.run([str(exe), "vllm-serve", serve_cfg(tmp_path, "")], capture_output=True, text=True)
     assert r.returncode == 2 and "vLLM is not installed" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_config_argument_that_is_a_folder_or_missing(tmp_path, capsys):
+    "On the command line the argument is a file: a folder or a missing path is said so, never parsed as YAML."
+    (tmp_path / "a.yaml").write_text("base_model: ftlab:tiny\n")
+    assert main(["train", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "is a folder, not a config file" in err and "a.yaml" in err and "mapping" not in err
+    assert main(["validate", "./no-such-config"]) == 2
+    assert "config file not found: `./no-such-config`" in capsys.readouterr().err
+
+
+def test_version_and_help(capsys):
+    with pytest.raises(SystemExit) as e: main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.startswith("ftlab ")
+    with pytest.raises(SystemExit): main(["train", "--help"])
+    out = capsys.readouterr().out
+    assert "--max-steps N" in out and "stop after N optimizer steps" in out and "--overwrite" in out
+
+
+def test_train_prints_its_phases_and_plan_before_the_model_loads(tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"base_model: ftlab:tiny\nadapter: lora\nlora_target_linear: true\nsequence_len: 256\n"
+                   f"micro_batch_size: 4\noutput_dir: {tmp_path}/out\n"
+                   "datasets:\n  - path: ftlab:data/chat.jsonl\n    type: chat_template\n")
+    assert main(["train", str(cfg), "--max-steps", "2"]) == 0
+    out = capsys.readouterr().out
+    order = ["· loading the tokenizer of ftlab:tiny", "· preparing 1 dataset", "· data", "trainable", "2 steps",
+             "· loading the model ftlab:tiny (lora)", "training: 2 steps", "step 2 · loss"]
+    at = [out.index(s) for s in order]
+    assert at == sorted(at), out
+
+
+def test_interrupt_says_the_exact_resume_command_and_it_works(tmp_path):
+    """Ctrl-C in a terminal run: the message gives the command to type (config path and --set included), reports the
+    checkpoint once, and that very command finishes the run."""
+    import os, shlex, signal, time
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"base_model: ftlab:tiny\nadapter: lora\nlora_target_linear: true\nsequence_len: 256\n"
+                   f"micro_batch_size: 4\noutput_dir: {tmp_path}/out\nsave_steps: 1000\n"
+                   "datasets:\n  - path: ftlab:data/chat.jsonl\n    type: chat_template\n")
+    exe = pathlib.Path(sys.executable).parent / "ftlab"
+    proc = subprocess.Popen([str(exe), "train", str(cfg), "--set", "max_steps=400"], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith("step 2 "): proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=120)
+    out = "".join(lines)
+    assert proc.returncode == 130, out
+    said = re.search(r"Resume with `([^`]+)`", out)
+    assert said and said.group(1) == shlex.join([str(exe.name), "train", str(cfg), "--set", "max_steps=400", "--resume"])
+    step = int(re.search(r"interrupted at step (\d+)", out).group(1))
+    assert out.count(f"checkpoint-{step}") == 1, out         # reported once: the save line
+    cmd = shlex.split(said.group(1).replace("--set max_steps=400", f"--set max_steps={step + 2}"))
+    again = subprocess.run([str(exe)] + cmd[1:], capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and f"step {step + 2} · loss" in again.stdout, again.stdout + again.stderr

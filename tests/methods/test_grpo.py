@@ -188,3 +188,49 @@ def test_dry_run_cell_checks_reward_functions(tmp_path):
         shell.run_cell_magic("finetune", "--dry-run", grpo_cfg(tmp_path))
     assert not any("reads column" in o.data.get("text/html", "") for o in cap.outputs)
     assert not (tmp_path / "out" / "metrics.jsonl").exists()
+
+
+def test_a_reward_function_failing_during_training_saves_and_names_function_and_step(tmp_path):
+    """It passed the check before the model loaded, then raised at its third call (step 2): one message with the
+    function and the step, a checkpoint of the last completed step, an `end` event; resumable after the fix."""
+    calls = {"n": 0}
+    def flaky(completions, answer, **kw):
+        calls["n"] += 1
+        if calls["n"] == 3: raise KeyError("answer")        # call 1: the pre-check; 2: step 1; 3: step 2
+        return count_reward(completions, answer)
+    cfg = load_config(grpo_cfg(tmp_path, funcs='["@flaky"]'))
+    run = Run(cfg, namespace={"flaky": flaky})
+    with pytest.raises(FtlabError) as e:
+        run.train(max_steps=4)
+    msg = str(e.value)
+    assert "reward function `flaky` raised KeyError at step 2" in msg and "saved checkpoint-1" in msg
+    assert "Traceback" not in msg and e.value.problems[0].key == "trl.reward_funcs"
+    assert (run.output_dir / "checkpoint-1" / "trainer_state.json").exists()
+    end = read_metrics(run.output_dir)[-1]
+    assert end["event"] == "end" and end["status"] == "failed" and "flaky" in end["message"]
+    fixed = Run(cfg, namespace={"flaky": count_reward}).train(max_steps=4, resume=True)
+    assert fixed.state == "finished" and [r["step"] for r in read_metrics(fixed.output_dir) if r["event"] == "log"][-1] == 4
+
+
+@pytest.mark.parametrize("name, expect", [("wrong_count", "returned 3 scores for 8 completions"),
+                                          ("infinite", "returned inf for completion 0"),
+                                          ("all_nan", "returned nan for completion 0 (8 of 8 scores are not finite)")])
+def test_wrong_counts_and_non_finite_rewards_stop_at_the_step(tmp_path, name, expect):
+    "After passing the check on two rows: a batch gets the wrong number of scores, `inf`, or NaN everywhere."
+    def wrong_count(completions, **kw): return [0.0] * (len(completions) if len(completions) <= 2 else 3)
+    def infinite(completions, **kw): return [0.0] * len(completions) if len(completions) <= 2 else [float("inf")] * len(completions)
+    def all_nan(completions, **kw): return [0.0] * len(completions) if len(completions) <= 2 else [float("nan")] * len(completions)
+    ns = {"wrong_count": wrong_count, "infinite": infinite, "all_nan": all_nan}
+    run = Run(load_config(grpo_cfg(tmp_path, funcs=f'["@{name}"]')), namespace=ns)
+    with pytest.raises(FtlabError) as e:
+        run.train(max_steps=2)
+    assert f"reward function `{name}` at step 1" in str(e.value) and expect in str(e.value)
+
+
+def test_constant_rewards_are_blamed_on_the_rewards(tmp_path):
+    "All-equal rewards give zero advantages and a zero gradient: the health message says the rewards carry no signal."
+    def constant(completions, **kw): return [0.5] * len(completions)
+    run = Run(load_config(grpo_cfg(tmp_path, funcs='["@constant"]')), namespace={"constant": constant}).train(max_steps=4)
+    health = [r for r in read_metrics(run.output_dir) if r["event"] == "health"]
+    assert [h["rule"] for h in health] == ["rewards_without_signal"], health
+    assert "rewards carry no signal" in health[0]["message"] and "frac_reward_zero_std" in health[0]["message"]
