@@ -109,8 +109,9 @@ def load_sources(cfg, namespace=None) -> dict:
     return {(g, i): load_source(d, namespace) for g in ("datasets", "test_datasets")
             for i, d in enumerate(getattr(cfg, g) or [])}
 
-# Bumped whenever what is stored changes shape (columns, report fields), so old caches are not read back.
-CACHE_FORMAT = 4
+# Bumped whenever what is stored changes (columns, report fields, the labels a strategy computes), so old caches
+# are not read back.
+CACHE_FORMAT = 5
 
 def cache_key(cfg, tokenizer, namespace=None, raws: dict | None = None) -> str:
     "Hash of everything the prepared data depends on."

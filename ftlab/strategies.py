@@ -15,9 +15,10 @@ IGNORE = -100  # label of a token that is not trained
 
 # %% auto #0
 __all__ = ['IGNORE', 'STRATEGY_KINDS', 'STRATEGIES', 'KIND_NAMES', 'TYPE_NAMES', 'DEFAULT_ROLE_MAP', 'ALPACA_PROMPT',
-           'ALPACA_PROMPT_NO_INPUT', 'register_strategy', 'StrategyContext', 'special_ids', 'example', 'get_messages',
-           'normalize_messages', 'chat_template', 'alpaca', 'input_output', 'completion', 'tokenized', 'infer_type',
-           'prompt_completion', 'resolve_callable', 'custom_transform', 'is_custom_type']
+           'ALPACA_PROMPT_NO_INPUT', 'register_strategy', 'StrategyContext', 'special_ids', 'example', 'role_map',
+           'get_messages', 'normalize_messages', 'locate_turns', 'chat_template', 'with_eos', 'alpaca', 'input_output',
+           'completion', 'tokenized', 'infer_type', 'prompt_completion', 'resolve_callable', 'custom_transform',
+           'is_custom_type']
 
 # %% ../nbs/05_strategies.ipynb #7e7894ba
 # Strategies by the kind of example they produce; a method reads one kind (its registry entry's `data`):
@@ -80,6 +81,11 @@ def example(ids: list[int], labels: list[int], ctx: StrategyContext, eot_trained
 DEFAULT_ROLE_MAP = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "model": "assistant",
                     "bot": "assistant", "system": "system", "tool": "tool", "function": "tool", "ipython": "ipython"}
 
+def role_map(ds) -> dict[str, str]:
+    "Role names in the data -> chat-template roles: the defaults, then the dataset's `roles:`."
+    return {**DEFAULT_ROLE_MAP, **{src: dst for dst, srcs in (ds.roles or {}).items()
+                                   for src in ([srcs] if isinstance(srcs, str) else srcs)}}
+
 def get_messages(row: dict, ctx: StrategyContext) -> list[dict]:
     "The row's conversation as `[{'role', 'content'}]`, using the dataset's field mappings."
     ds = ctx.ds
@@ -96,8 +102,7 @@ def normalize_messages(raw, ctx: StrategyContext, what: str = "messages") -> lis
         raise FtlabError(f"`{field_name}` must be a non-empty list of messages, got {type(raw).__name__}")
     mapping = dict(ds.message_property_mappings or {})
     role_key, content_key = mapping.get("role", "role"), mapping.get("content", "content")
-    role_map = {**DEFAULT_ROLE_MAP, **{src: dst for dst, srcs in (ds.roles or {}).items()
-                                       for src in ([srcs] if isinstance(srcs, str) else srcs)}}
+    roles = role_map(ds)
     msgs = []
     for i, m in enumerate(raw):
         # Rows loaded through Arrow share one schema, so a missing field shows up as None rather than absent.
@@ -105,33 +110,44 @@ def normalize_messages(raw, ctx: StrategyContext, what: str = "messages") -> lis
             keys = ", ".join(k for k, v in m.items() if v is not None) if isinstance(m, dict) else type(m).__name__
             raise FtlabError(f"message {i} has no `{role_key}`/`{content_key}` fields (it has: {keys})",
                              fix="map your fields with `message_property_mappings: {role: <field>, content: <field>}`")
-        role = role_map.get(str(m[role_key]), str(m[role_key]))
+        role = roles.get(str(m[role_key]), str(m[role_key]))
         if role == "system" and ds.drop_system_message: continue
         msgs.append({"role": role, "content": "" if m[content_key] is None else str(m[content_key])})
     return msgs
 
-def _content_spans(msgs: list[dict], text: str, render) -> list[tuple[int, int]]:
-    "Character span of each message's content in the rendered `text`."
-    spans, pos = [], 0
-    for i, m in enumerate(msgs):
-        key = m["content"].strip()
-        if not key:
-            spans.append((pos, pos)); continue
-        # The rendering of msgs[:i+1] ends after message i (for prefix-preserving templates), so searching backwards
-        # from there finds its content, not an earlier occurrence inside a role header.
-        end = len(text)
-        try:
-            prefix = render(msgs[:i + 1])
-            if text.startswith(prefix): end = len(prefix)
-        except Exception: pass
-        j = text.rfind(key, pos, end)
-        if j < 0: j = text.find(key, pos)
-        if j < 0:
-            raise FtlabError(f"the chat template dropped the content of message {i} ({m['role']})",
-                             fix="check that the template renders every role in the data (some have no system turn: "
-                                 "set `drop_system_message: true`), or choose another `chat_template`")
-        spans.append((j, j + len(key))); pos = j + len(key)
-    return spans
+def _around_probe(rendered: str, probe: str) -> tuple[str, str] | None:
+    "The text before and after `probe` in a rendering that holds it exactly once."
+    if rendered.count(probe) != 1: return None
+    k = rendered.index(probe)
+    return rendered[:k], rendered[k + len(probe):]
+
+def locate_turns(msgs: list[dict], render, which=None) -> tuple[str, dict[int, tuple[int, int, int | None]]]:
+    """The rendered conversation and, for each message in `which` (default all) that it shows, `(start, end, close)`:
+    its content is `text[start:end]` and the template's closing text after it (when the turn ends there) is
+    `text[end:close]` (`close` is None where the template writes a turn differently when it is not the last)."""
+    text = render(msgs)
+    c = next(chr(k) for k in range(0xE000, 0xF900) if chr(k) not in text)  # a character the conversation lacks
+    probe, turns = c * 2, {}
+    for i in (range(len(msgs)) if which is None else which):
+        probed = {**msgs[i], "content": probe}
+        # The whole conversation with this one content replaced: whatever differs from `text` is the content as the
+        # template writes it (stripped, if the template strips), wherever it sits, whatever characters it shares
+        # with its neighbours.
+        whole = _around_probe(render(msgs[:i] + [probed] + msgs[i + 1:]), probe)
+        if whole is None or not (text.startswith(whole[0]) and text.endswith(whole[1])
+                                 and len(whole[0]) + len(whole[1]) <= len(text)):
+            if not msgs[i]["content"].strip(): continue  # an empty message the template leaves out
+            raise FtlabError(f"ftlab cannot find the content of message {i} ({msgs[i]['role']}) in what the chat "
+                             "template writes", fix="check that the template renders every role in the data, each "
+                             "message's content once (some have no system turn: set `drop_system_message: true`), "
+                             "or choose another `chat_template`")
+        start, end = len(whole[0]), len(text) - len(whole[1])
+        # The conversation cut after this message: what follows the probe there is the turn's own closing text.
+        try: alone = _around_probe(render(msgs[:i] + [probed]), probe)
+        except Exception: alone = None
+        close = end + len(alone[1]) if alone is not None and text.startswith(alone[1], end) else None
+        turns[i] = (start, end, close)
+    return text, turns
 
 @register_strategy("chat_template")
 def chat_template(row: dict, ctx: StrategyContext) -> list[dict]:
@@ -139,43 +155,48 @@ def chat_template(row: dict, ctx: StrategyContext) -> list[dict]:
     if not tok.chat_template:
         raise FtlabError("the tokenizer has no chat template", key="chat_template",
                          fix="set `chat_template: chatml` (or another named template) in the config")
+    if not getattr(tok, "is_fast", False):
+        raise FtlabError("label masks of `type: chat_template` need a fast tokenizer (it gives character offsets)",
+                         fix="use a model that ships a fast tokenizer (a `tokenizer.json`)")
     msgs = get_messages(row, ctx)
     kw = dict(ds.chat_template_kwargs or {}) if getattr(ds, "chat_template_kwargs", None) else {}
     render = lambda ms: tok.apply_chat_template(ms, tokenize=False, **kw)
-    text = render(msgs)
-    spans = _content_spans(msgs, text, render)
+    roles = role_map(ds)
+    to_train = {roles.get(r, r) for r in (ds.roles_to_train if ds.roles_to_train is not None else ["assistant"])}
+    trained = [ctx.train_on_inputs or m["role"] in to_train for m in msgs]  # axolotl's rule, turn by turn
+    mode = getattr(ds, "train_on_eot", None) or ds.train_on_eos or "turn"
+    text, turns = locate_turns(msgs, render, range(len(msgs)) if mode == "all" else [i for i, t in enumerate(trained) if t])
     enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
     ids, offsets = enc["input_ids"], enc["offset_mapping"]
-    if ctx.train_on_inputs:
-        return [example(ids, list(ids), ctx, eot_trained=True)]
-    roles = set(ds.roles_to_train if ds.roles_to_train is not None else ["assistant"])
-    eos_mode = ds.train_on_eos or "turn"
-    trained_turns = [i for i, m in enumerate(msgs) if m["role"] in roles]
+    ends = [e for _, e in offsets]  # token offsets never decrease, so character spans map to tokens by bisection
     labels = [IGNORE] * len(ids)
-    ends = [e for _, e in offsets]  # token end offsets never decrease, so spans map to token ranges by bisection
-    eot_ok = True
-    for i, (m, (a, b)) in enumerate(zip(msgs, spans)):
-        train_content = i in trained_turns
-        if train_content:
-            for t in range(bisect.bisect_right(ends, a), len(ids)):
+    order, eots = sorted(turns), {}
+    for k, i in enumerate(order):
+        start, end, close = turns[i]
+        if trained[i]:  # every token that overlaps the content, as the template's own assistant mask counts them
+            for t in range(bisect.bisect_right(ends, start), len(ids)):
                 s, e = offsets[t]
-                if s >= b: break
+                if s >= end: break
                 if e > s: labels[t] = ids[t]
-        want_eot = (eos_mode == "all" or (eos_mode == "turn" and train_content)
-                    or (eos_mode == "last" and trained_turns and i == trained_turns[-1]))
-        eot = _eot_index(ids, offsets, text, b, ctx, start=bisect.bisect_left(ends, b))
-        if want_eot and eot is not None: labels[eot] = ids[eot]
-        if train_content and (eot is None or labels[eot] == IGNORE):
-            # Only the last trained turn has to stop the generation; flag when even that one cannot.
-            if i == trained_turns[-1]: eot_ok = False
-    return [example(ids, labels, ctx, eot_trained=eot_ok if trained_turns else None)]
+        limit = close if close is not None else (turns[order[k + 1]][0] if k + 1 < len(order) else len(text))
+        eots[i] = _eot_index(ids, offsets, text, end, limit, ctx.special_ids, bisect.bisect_right(ends, end))
+    ends_of_trained = [i for i in order if trained[i] and eots[i] is not None]
+    for i in order:
+        if eots[i] is not None and (mode == "all" or (mode == "turn" and trained[i])
+                                    or (mode == "last" and ends_of_trained and i == ends_of_trained[-1])):
+            labels[eots[i]] = ids[eots[i]]
+    # Only the last trained turn has to stop the generation; flag when even that one cannot.
+    last = max((i for i in order if trained[i]), default=None)
+    eot_ok = None if last is None else eots[last] is not None and labels[eots[last]] != IGNORE
+    return [example(ids, labels, ctx, eot_trained=eot_ok)]
 
-def _eot_index(ids, offsets, text: str, end: int, ctx: StrategyContext, start: int = 0) -> int | None:
-    "Index of the end-of-turn token right after character `end` (whitespace skipped), if it is a special token."
-    for t in range(start, len(ids)):
+def _eot_index(ids, offsets, text: str, end: int, limit: int, special: set[int], t: int) -> int | None:
+    "Index of the turn's end token: the first token of its closing text `text[end:limit]` (whitespace skipped), if special."
+    for t in range(t, len(ids)):
         s, e = offsets[t]
         if s < end: continue
-        if ids[t] in ctx.special_ids: return t
+        if s >= limit: return None
+        if ids[t] in special: return t
         if text[s:e].strip(): return None
     return None
 
@@ -192,6 +213,10 @@ def _field(row: dict, name: str, what: str) -> str:
         raise FtlabError(f"no `{name}` value (columns: {', '.join(row)})", fix=f"set the field that holds the {what}")
     return str(row[name])
 
+def with_eos(ids: list[int], tok) -> list[int]:
+    "The ids with the eos token at the end, unless the text already ends with it."
+    return list(ids) if ids and ids[-1] == tok.eos_token_id else list(ids) + [tok.eos_token_id]
+
 @register_strategy("alpaca")
 def alpaca(row: dict, ctx: StrategyContext) -> list[dict]:
     tok, ds = ctx.tokenizer, ctx.ds
@@ -200,7 +225,7 @@ def alpaca(row: dict, ctx: StrategyContext) -> list[dict]:
     output = _field(row, ds.field_output or "output", "response")
     prompt = (ALPACA_PROMPT if inp.strip() else ALPACA_PROMPT_NO_INPUT).format(instruction=instruction, input=inp)
     p = tok(prompt, add_special_tokens=True)["input_ids"]
-    r = tok(output, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    r = with_eos(tok(output, add_special_tokens=False)["input_ids"], tok)
     labels = (list(p) if ctx.train_on_inputs else [IGNORE] * len(p)) + r
     return [example(p + r, labels, ctx, eot_trained=True)]
 
@@ -216,7 +241,7 @@ def input_output(row: dict, ctx: StrategyContext) -> list[dict]:
             raise FtlabError(f"segment {k} has no `text`", fix="each segment is {text: ..., label: true|false}")
         t = tok(str(s["text"]), add_special_tokens=False)["input_ids"]
         ids += t
-        labels += t if s.get("label", True) in (True, None) else [IGNORE] * len(t)
+        labels += t if ctx.train_on_inputs or s.get("label", True) in (True, None) else [IGNORE] * len(t)
     trained = [i for i, l in zip(ids, labels) if l != IGNORE]
     return [example(ids, labels, ctx, eot_trained=bool(trained) and trained[-1] in ctx.special_ids)]
 
@@ -224,7 +249,7 @@ def input_output(row: dict, ctx: StrategyContext) -> list[dict]:
 def completion(row: dict, ctx: StrategyContext) -> list[dict]:
     tok = ctx.tokenizer
     text = _field(row, ctx.ds.field or "text", "text")
-    ids = tok(text, add_special_tokens=True)["input_ids"] + [tok.eos_token_id]
+    ids = with_eos(tok(text, add_special_tokens=True)["input_ids"], tok)
     n = ctx.max_len
     return [dict(input_ids=ids[i:i + n], labels=ids[i:i + n], truncated=False, eot_trained=None)
             for i in range(0, len(ids), n) if len(ids[i:i + n]) > 1]

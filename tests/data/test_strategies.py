@@ -86,10 +86,12 @@ def test_roles_to_train(make_cfg, tok):
     assert [tok.decode(r) for r in runs(ex)] == ["What is 2 plus 3?<|im_end|>", "Say hello<|im_end|>"]
 
 
-def test_train_on_inputs_trains_everything(make_cfg, tok):
+def test_train_on_inputs_trains_every_turn_but_not_the_template(make_cfg, tok):
+    """axolotl's meaning: every turn is trained (content and end token), the role headers are not."""
     cfg = make_cfg(extra="train_on_inputs: true\n")
     ex = one("chat_template", {"messages": CONV}, cfg, tok)
-    assert ex["labels"] == ex["input_ids"]
+    assert [tok.decode(r) for r in runs(ex)] == [m["content"] + "<|im_end|>" for m in CONV]
+    assert "<|im_start|>" not in trained_text(tok, ex) and ex["eot_trained"] is True
 
 
 def test_sharegpt_field_mapping(make_cfg, tok):
@@ -145,6 +147,29 @@ def test_input_output_segments(make_cfg, tok):
     assert [tok.decode(r) for r in runs(ex)] == ["A: 4", "<|im_end|>"] and ex["eot_trained"] is True
     ex2 = one("input_output", {"segments": row["segments"][:2]}, cfg, tok)
     assert ex2["eot_trained"] is False
+
+
+def test_input_output_train_on_inputs_trains_every_segment(make_cfg, tok):
+    """As in axolotl: with `train_on_inputs: true` a segment's `label: false` no longer masks it."""
+    cfg = make_cfg(extra="train_on_inputs: true\n", datasets="  - path: ftlab:data/input_output.jsonl\n    type: input_output\n")
+    row = {"segments": [{"text": "Q: 2+2?\n", "label": False}, {"text": "A: 4", "label": True},
+                        {"text": "<|im_end|>", "label": False}]}
+    ex = one("input_output", row, cfg, tok)
+    assert ex["labels"] == ex["input_ids"] and ex["eot_trained"] is True
+
+
+@pytest.mark.parametrize("output", ["Hello<|im_end|>", "<|im_end|>"])
+def test_alpaca_output_ending_with_eos_gets_no_second_one(make_cfg, tok, output):
+    cfg = make_cfg(datasets="  - path: ftlab:data/alpaca.jsonl\n    type: alpaca\n")
+    ex = one("alpaca", {"instruction": "Greet me", "output": output}, cfg, tok)
+    assert ex["input_ids"][-2:] != [tok.eos_token_id] * 2 and ex["input_ids"][-1] == tok.eos_token_id
+    assert trained_text(tok, ex) == output
+
+
+def test_completion_text_ending_with_eos_gets_no_second_one(make_cfg, tok):
+    cfg = make_cfg(datasets="  - path: ftlab:data/completion.jsonl\n    type: completion\n")
+    ex = one("completion", {"text": "The end.<|im_end|>"}, cfg, tok)
+    assert ex["input_ids"] == tok("The end.<|im_end|>")["input_ids"] and ex["labels"] == ex["input_ids"]
 
 
 def test_completion_splits_long_text(make_cfg, tok):
