@@ -11,7 +11,7 @@ from .keys import (AXOLOTL_ADAPTERS, AXOLOTL_DATASET_TYPES, AXOLOTL_OPTIMIZERS, 
                                AXOLOTL_SCHEDULERS, COVERED_PLUGINS, DATASET_TYPES, NEUTRAL_VALUES, RL_METHODS,
                                TRL_MISSING_KEYS, WIRED_TRACKERS)
 from .schema import Config
-from .sections import EBFT_STRIDED_ONLY, TYPE_KEYS
+from .sections import TYPE_KEYS
 from .source import Where
 from .values import fmt, key_text, name_list
 from ..strategies import KIND_NAMES, STRATEGY_KINDS
@@ -172,23 +172,13 @@ def check_generation(cfg: Config, found: Found):
 
 # %% ../../nbs/config/06_checks.ipynb #b92eb0da
 def check_ebft(cfg: Config, found: Found):
-    "The `ebft:` section: only with `rl: ebft`, and what its strided mode needs."
-    e, m = cfg.ebft, cfg.method
-    if e is None: return
-    if m != "ebft": found.note(("ebft",), f"`ebft:` only applies to `rl: ebft`; ignored with method {m}")
-    elif e.mode == "strided":
-        if cfg.torch_compile is True:
-            found.error(("torch_compile",), "EBFT strided mode compiles its own attention kernels; torch_compile conflicts with them",
-                        "remove `torch_compile` (or set it to false)", ("ebft", "mode"))
-        reentrant = (cfg.gradient_checkpointing_kwargs or {}).get("use_reentrant")
-        if cfg.gradient_checkpointing and reentrant is False:
-            found.error(("gradient_checkpointing_kwargs",), "EBFT strided mode needs reentrant gradient checkpointing (flex-attention block masks)",
-                        "set `gradient_checkpointing_kwargs: {use_reentrant: true}`", ("ebft", "mode"))
-        if e.n_samples_per_prompt == 1 and e.advantage_estimator in ("rloo", "group_norm"):
-            found.note(("ebft", "advantage_estimator"), f"with n_samples_per_prompt: 1, `{e.advantage_estimator}` falls back to reinforce and the diversity term is off")
-    else:
-        extra = [k for k in EBFT_STRIDED_ONLY if _set(e, k)]
-        if extra: found.note(("ebft",), f"`ebft:` keys ({', '.join(extra)}) only apply to `mode: strided`; ignored in structured mode")
+    "The `ebft:` section under a method that does not read it."
+    if cfg.ebft is None: return
+    m, methods = cfg.method, registry()
+    entry = methods.get(m)
+    if entry is not None and "ebft" not in entry.sections:
+        readers = sorted(n for n, e in methods.items() if "ebft" in e.sections) or ["ebft"]
+        found.note(("ebft",), f"`ebft:` only applies to {_methods_words(readers)}; ignored with method {m}")
 
 # %% ../../nbs/config/06_checks.ipynb #75dca533
 _LORA_KEYS = ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "lora_target_linear",
@@ -321,13 +311,15 @@ def _active(key, value) -> bool:
     return not (key in NEUTRAL_VALUES and value == NEUTRAL_VALUES[key])
 
 def check_runnable(cfg: Config, found: Found):
-    "What this version cannot run: the method, active not-yet-supported keys, and axolotl names ftlab has not built."
+    "What this version cannot run: the method (and what its entry's `limits` say), active not-yet-supported keys, and axolotl names ftlab has not built."
     m, methods = cfg.method, registry()
     if m not in methods:
         key = "rl" if cfg.rl else m
         val = f"rl: {m}" if cfg.rl else f"{m}: true"
         found.error((key,), f"`{val}` is not supported yet in this version of ftlab (it runs: {', '.join(sorted(methods))})",
                     f"remove `{key}:` to train with supervised fine-tuning, or run this config with axolotl for now")
+    else:
+        for limit in methods[m].limits: limit(cfg, found)
     for path, sec in _sections(cfg):
         for k, v in (sec.model_extra or {}).items():
             if sec.key_kind(k) != "unsupported" or not _active(k, v): continue

@@ -267,11 +267,11 @@ class EBFTConfig(Section):
     temperature: float = F(0.6, "strided: sampling temperature", ge=0)
     top_p: float = F(1.0, "strided: nucleus sampling probability", gt=0, le=1)
     rl_coef: float = F(1.0, "strided: policy-gradient loss weight", ge=0)
-    advantage_estimator: Choice("rloo", "group_norm", "reinforce", "grpo") = F("rloo", "strided: baseline for the advantages")
+    advantage_estimator: Choice("rloo", "group_norm", "reinforce", "grpo") = F("rloo", "baseline for the advantages (structured: only when written; else GRPO's)")
     min_completion_prefix: int = F(0, "strided: tokens into the completion before the first anchor", ge=0)
 
 EBFT_STRIDED_ONLY = ("stride", "context_length", "generate_max_len", "n_samples_per_prompt", "temperature", "top_p",
-                      "rl_coef", "advantage_estimator", "min_completion_prefix")
+                      "rl_coef", "min_completion_prefix")
 
 class VLLMConfig(Section):
     "The vLLM server used for generation (`vllm:`)."

@@ -16,8 +16,8 @@ from .reward_calls import guard_reward
 
 # %% auto #0
 __all__ = ['HIDDEN_COLUMNS', 'OWN_KEYS', 'GRPO_PANELS', 'resolve_reward', 'reward_name', 'reward_rows', 'check_reward_functions',
-           'reward_functions_given', 'generation_groups', 'vllm_url', 'wait_for_vllm', 'grpo_args', 'grpo_preflight',
-           'build_grpo']
+           'reward_functions_given', 'generation_groups', 'vllm_url', 'wait_for_vllm', 'grpo_args',
+           'grpo_trainer_class', 'grpo_preflight', 'fit_vllm_weight_sync', 'build_grpo']
 
 # %% ../../nbs/methods/05_grpo.ipynb #e38067f0
 def resolve_reward(name: str, namespace: dict | None = None):
@@ -171,7 +171,8 @@ def grpo_args(cfg, n_train: int, has_eval: bool) -> dict:
     return kw
 
 # %% ../../nbs/methods/05_grpo.ipynb #974f523a
-def _grpo_trainer_class():
+def grpo_trainer_class():
+    "TRL's GRPOTrainer, subclassed to store completions (imported when a run builds it; EBFT builds on it too)."
     from trl import GRPOTrainer
     class FtlabGRPOTrainer(GRPOTrainer):
         "GRPOTrainer that stores each logging step's completions with the run."
@@ -224,7 +225,8 @@ def _vllm_layerwise_sync(gen):
     finalize_layerwise_reload(model, engine.model_config)
     gen.llm.reset_prefix_cache()
 
-def _fit_vllm_weight_sync(trainer):
+def fit_vllm_weight_sync(trainer):
+    "Weight sync that also works with vLLM's CPU build, for a trainer generating with a colocated engine."
     gen = getattr(trainer, "vllm_generation", None)
     if gen is None or getattr(gen, "mode", None) != "colocate": return
     from vllm.platforms import current_platform
@@ -239,10 +241,10 @@ def build_grpo(cfg, method, model, tokenizer, prepared, callbacks=(), reward_fun
     extra = {"rollout_func": rollout_func} if rollout_func is not None else {}
     say = next((c.say for c in callbacks if hasattr(c, "say")), print)
     guarded = [f if isinstance(f, str) else guard_reward(f, reward_name(f), say) for f in reward_funcs or []]
-    trainer = make_trainer(_grpo_trainer_class(), cfg, method, model, tokenizer, args, train, evalset, callbacks,
+    trainer = make_trainer(grpo_trainer_class(), cfg, method, model, tokenizer, args, train, evalset, callbacks,
                            reward_funcs=guarded, **extra)
     trainer.store = cfg.trl.log_completions is not False
-    if cfg.trl.use_vllm: _fit_vllm_weight_sync(trainer)
+    if cfg.trl.use_vllm: fit_vllm_weight_sync(trainer)
     return trainer
 
 for _name, _desc in (("grpo", "group relative policy optimisation: sampled completions scored by reward functions"),

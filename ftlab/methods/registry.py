@@ -44,6 +44,9 @@ class Method:
     trl_keys: tuple[str, ...] | None = ()
     sections: tuple[str, ...] = ()       # other config sections it reads (`vllm`)
     checks: tuple[Callable, ...] = ()
+    # (cfg, found) checks of what this version cannot run yet with the method (`ebft.mode: strided`): reported by
+    # the support check with the other unsupported things, so a config validated without it passes
+    limits: tuple[Callable, ...] = ()
     panels: list[Panel] = field(default_factory=list)
     rules: list = field(default_factory=list)                 # ftlab.health.Rule
     figures: list[tuple[str, str, str]] = field(default_factory=list)   # (metric, label, format) for progress lines

@@ -256,7 +256,9 @@ def test_dataset_without_type_is_a_note():
     assert cfg.datasets[0].type is None and "has no `type`" in cfg.notes[0]
 
 
-def test_support_check_is_separate():
+def test_support_check_is_separate(monkeypatch):
+    from ftlab.methods import METHODS
+    monkeypatch.delitem(METHODS, "ebft")            # a method the registry does not hold
     text = MINIMAL.replace("base_model: ftlab:tiny\n", "base_model: ftlab:tiny\nrl: ebft\n")
     err = errors_of(text)
     assert str(err) == ("line 2, key `rl`: `rl: ebft` is not supported yet in this version of ftlab (it runs: dpo, gdpo, "
@@ -267,6 +269,10 @@ def test_support_check_is_separate():
     with pytest.raises(ConfigError) as ei: check_supported(cfg)
     assert ei.value.problems[0].line == 2
     check_supported(load_config(MINIMAL))   # nothing to report
+    monkeypatch.undo()                      # a registered method's `limits` are part of the support check too
+    strided = text + "trl: {num_generations: 4}\nebft:\n  mode: strided\n"
+    assert [(p.key, p.line) for p in errors_of(strided).problems] == [("ebft.mode", 8)]
+    assert load_config(strided, check_support=False).ebft.mode == "strided"
 
 
 def test_unsupported_names_and_plugins():
@@ -285,8 +291,9 @@ def test_method_constants():
     from ftlab.methods import METHODS
     assert RL_METHODS >= {"dpo", "ipo", "kto", "orpo", "simpo", "grpo", "ebft"}
     # which methods run, and which pack, are facts of the method registry
-    assert set(METHODS) == {"sft", "dpo", "ipo", "kto", "orpo", "simpo", "reward_model", "process_reward_model", "grpo", "gdpo"}
-    assert {m for m, e in METHODS.items() if not e.packing} == (RL_METHODS - {"ebft"}) | {"reward_model", "process_reward_model"}
+    assert set(METHODS) == {"sft", "dpo", "ipo", "kto", "orpo", "simpo", "reward_model", "process_reward_model", "grpo", "gdpo",
+                            "ebft"}
+    assert {m for m, e in METHODS.items() if not e.packing} == RL_METHODS | {"reward_model", "process_reward_model"}
     assert DATASET_TYPES >= {"chat_template", "alpaca", "input_output", "completion", "chat_template.default",
                              "bradley_terry.chat_template", "stepwise_supervised", "passthrough"}
 
@@ -302,8 +309,11 @@ def test_generation_methods_schema():
     cfg = load_config(text, check_support=False)
     assert cfg.method == "ebft" and cfg.ebft.mode == "strided" and cfg.ebft.feature_layers == [0.25, 0.5, 0.75]
     assert cfg.trl.vllm_mode == "server" and cfg.vllm.max_model_len == 1024 and cfg.vllm.port == 8000
-    err = errors_of(text.replace("micro_batch_size: 4", "micro_batch_size: 3\ntorch_compile: true"), check_support=False)
-    assert {p.key for p in err.problems} == {"torch_compile"}    # group sizes are GRPO's own check (its registry entry)
+    load_config(text.replace("micro_batch_size: 4", "micro_batch_size: 3"), check_support=False)  # strided: no trl groups
+    structured = text.replace("  mode: strided\n", "").replace("ebft_strided_structured.transform", "ebft_opencode.transform")
+    err = errors_of(structured.replace("micro_batch_size: 4", "micro_batch_size: 3"))
+    assert {p.key for p in err.problems} == {"trl.num_generations"}    # the group check, on EBFT's registry entry
+    assert any("only apply to `mode: strided`" in n for n in load_config(structured).notes)
     grpo = text.replace("rl: ebft", "rl: grpo").replace("  use_vllm: true", "  reward_funcs: [\"@r\"]\n  use_vllm: true")
     err = errors_of(grpo.replace("micro_batch_size: 4", "micro_batch_size: 3"), check_support=False)
     assert "trl.num_generations" in {p.key for p in err.problems}
@@ -380,21 +390,20 @@ def test_things_that_work_are_not_forbidden():
 
 # --- the cross-checks: one function per concern ----------------------------------------------------------------------
 
-EBFT_STRIDED = MINIMAL + "rl: ebft\nebft:\n  mode: strided\ntorch_compile: true\n"
 CONCERNS = [   # (concern, a config it reports on: a fixture file or YAML text, the key it reports, error or note)
     ("check_data", "bad_test_datasets_and_val.yaml", "val_set_size", "error"),
     ("check_method", "bad_packing_with_rl.yaml", "sample_packing", "error"),
     ("check_method", "bad_rl_and_reward_model.yaml", "reward_model", "error"),
     ("check_method", "bad_reward_weights.yaml", "trl.reward_weights", "error"),   # GRPO's own check, on its registry entry
     ("check_generation", MINIMAL + "trl:\n  temperature: 0.9\n", "trl", "note"),
-    ("check_ebft", EBFT_STRIDED, "torch_compile", "error"),
+    ("check_ebft", MINIMAL + "ebft:\n  use_whitening: true\n", "ebft", "note"),
     ("check_adapter", "bad_qlora_without_4bit.yaml", "adapter", "error"),
     ("check_precision", "bad_two_attentions.yaml", "sdp_attention", "error"),
     ("check_schedule", "bad_warmup_both.yaml", "warmup_ratio", "error"),
     ("check_schedule", "bad_eval_strategy_no_eval.yaml", "eval_strategy", "error"),
     ("check_kernels", MINIMAL + "tiled_mlp_num_shards: 4\n", "tiled_mlp_num_shards", "note"),
     ("check_trackers", MINIMAL + "plugins: [axolotl.integrations.liger.LigerPlugin]\n", "plugins", "note"),
-    ("check_runnable", "bad_unsupported_method.yaml", "rl", "error"),
+    ("check_runnable", "bad_unsupported_ebft_strided.yaml", "ebft.mode", "error"),
     ("check_runnable", "bad_unsupported_deepspeed.yaml", "deepspeed", "error"),
 ]
 

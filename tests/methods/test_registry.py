@@ -10,8 +10,8 @@ from ftlab.run import Run
 
 @pytest.fixture
 def toy_ebft():
-    "`rl: ebft` registered for the length of a test, as an SFT-shaped stand-in (not EBFT's maths)."
-    assert "ebft" not in METHODS
+    "`rl: ebft` replaced for the length of a test by an SFT-shaped stand-in (not EBFT's maths)."
+    real = METHODS.pop("ebft")
     seen = []
     def check(cfg, found):
         seen.append(cfg.method)
@@ -22,14 +22,15 @@ def toy_ebft():
     panels = [Panel("toy loss", [("log", "loss", "train")])]
     yield register_method("ebft", build, description="a stand-in", data="sft", packing=False, reads=("toy_",),
                           checks=(check,), panels=panels, figures=[("loss", "toy", ".2f")]), seen
-    del METHODS["ebft"]
+    METHODS["ebft"] = real
 
 
 TEXT = ("base_model: ftlab:tiny\nrl: ebft\nadapter: lora\nlora_target_linear: true\nsequence_len: 128\n"
         "micro_batch_size: 4\nmax_steps: 2\ndatasets: [{path: ftlab:data/chat.jsonl, type: chat_template}]\n")
 
 
-def test_an_unregistered_method_is_not_supported():
+def test_an_unregistered_method_is_not_supported(monkeypatch):
+    monkeypatch.delitem(METHODS, "ebft")
     with pytest.raises(ConfigError) as e:
         load_config(TEXT)
     assert "`rl: ebft` is not supported yet" in str(e.value)
