@@ -157,8 +157,9 @@ def rewards_stuck_at_zero(logs, evals, n: int = 20):
     return None
 
 def no_learning_signal(logs, evals, n: int = 20, share: float = 0.9):
+    "Most groups without spread (`rewards_without_signal` speaks when all of them are)."
     z = [v for _, v in _vals(logs, "frac_reward_zero_std")]
-    if len(z) >= n and _mean(z[-n:]) >= share:
+    if len(z) >= n and _mean(z[-n:]) >= share and not all(v >= 0.999 for v in z[-n:]):
         return (f"{100 * _mean(z[-n:]):.0f}% of prompt groups had the same reward for every completion over the last {n} "
                 "logs: GRPO learns only from differences within a group")
     return None
