@@ -41,6 +41,12 @@ def figure(records: list[dict], panels, title: str | None = None, cols: int = 2)
     data, layout = [], {"height": 260 * rows + 60, "margin": {"l": 50, "r": 20, "t": 50 if title else 30, "b": 40},
                         "showlegend": False, "hovermode": "x unified", "template": "plotly_white", "annotations": []}
     if title: layout["title"] = {"text": title, "x": 0.01, "font": {"size": 14}}
+    # A legend for the panels that draw more than one series (train and eval loss, chosen and rejected, ...); a
+    # panel of one series is named by its title. Above the grid, so that it never covers a line.
+    if any(len(series) > 1 for _, series in shown):
+        layout.update(showlegend=True, legend={"orientation": "h", "x": 1, "xanchor": "right", "y": 1, "yanchor": "bottom",
+                                               "font": {"size": 11}})
+        layout["margin"]["t"] += 30
     for i, (panel, series) in enumerate(shown):
         r, c = divmod(i, cols); ax = "" if i == 0 else str(i + 1)
         x0, y1 = c * (w + gap_x), 1 - r * (h + gap_y)
@@ -52,7 +58,8 @@ def figure(records: list[dict], panels, title: str | None = None, cols: int = 2)
         for k, (ev, key, label, xs, ys) in enumerate(series):
             data.append({"type": "scatter", "x": xs, "y": ys, "name": f"{panel.title}: {label}", "xaxis": f"x{ax}",
                          "yaxis": f"y{ax}", "mode": "lines+markers" if len(xs) < 30 or ev == "eval" else "lines",
-                         "line": {"color": PALETTE[k % len(PALETTE)], "dash": "dot" if ev == "eval" else "solid"}})
+                         "line": {"color": PALETTE[k % len(PALETTE)], "dash": "dot" if ev == "eval" else "solid"},
+                         "showlegend": len(series) > 1, "legendgroup": panel.title})
     return {"data": data, "layout": layout}
 
 # %% ../nbs/16_charts.ipynb #e91fba9b

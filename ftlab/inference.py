@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from .errors import FtlabError
 from .quiet import quiet_libraries
+from .hub import check_hub
 
 # %% auto #0
 __all__ = ['Reply', 'weights_dir', 'inference_model', 'chat', 'score', 'save', 'merge']
@@ -29,6 +30,7 @@ def inference_model(run):
     "(model, tokenizer) of a run for generation or scoring: the trained model in memory, else loaded from its folder."
     if run.loaded is not None: return run.loaded
     quiet_libraries()
+    check_hub(run.cfg)
     if run.trainer is not None:
         model = run.trainer.model
     else:

@@ -11,6 +11,7 @@ from .errors import FtlabError, RunError
 from .events import MetricsLog, read_metrics, history, event_callback, stop_callback
 from .inference import chat, score, save, merge
 from .quiet import quiet_libraries
+from .hub import check_hub
 from .runfolder import (DiskFullError, RunLock, atomic_checkpoints, claim_folder, disk_full_error, find_checkpoint, is_disk_full,
                         last_step, run_status)
 
@@ -52,6 +53,8 @@ class Run:
         from ftlab.prepare import prepare_datasets
         if self.prepared is None:
             quiet_libraries()
+            offline = check_hub(self.cfg)        # no network: one message now, not a minute of retries later
+            if offline: self.emit({"event": "note", "step": None, "message": offline})
             self.phase(f"loading the tokenizer of {self.cfg.base_model}")
             self.tokenizer = load_tokenizer(self.cfg)
             n = len(self.cfg.datasets or []) + len(self.cfg.test_datasets or [])

@@ -246,6 +246,19 @@ def _plotly_html(fig: dict) -> str:
             f'</script>')
 
 
+def _coalesced(outputs: list) -> list:
+    """Consecutive stream outputs of one stream joined into one, as a notebook front end shows them: a reply streamed
+    token by token arrives as many small outputs and would otherwise be drawn as one block (a line) per token."""
+    out = []
+    for o in outputs:
+        if (o.get("output_type") == "stream" and out and out[-1].get("output_type") == "stream"
+                and out[-1].get("name") == o.get("name")):
+            out[-1] = {**out[-1], "text": _joined(out[-1].get("text", "")) + _joined(o.get("text", ""))}
+        else:
+            out.append(o)
+    return out
+
+
 def _output_html(out, base_dir: Path) -> tuple[str, bool]:
     """HTML for one output; second item: whether it needs plotly.js."""
     kind = out.get("output_type")
@@ -334,7 +347,7 @@ def notebook_html(nb, nb_path: Path, title: str | None = None) -> str:
             cell_parts.append(f'<div class="input"><div class="prompt">In {prompt}</div>'
                               f'<div class="src">{_code_html(code, language)}</div></div>')
         if show_output:
-            for out in cell.get("outputs", []):
+            for out in _coalesced(cell.get("outputs", [])):
                 body, plotly = _output_html(out, base_dir)
                 needs_plotly |= plotly
                 if body:

@@ -79,3 +79,21 @@ def test_broken_data_files_name_the_line(make_cfg, tmp_path, content, expect):
         load_source(ds_cfg(make_cfg, f))
     assert expect in str(e.value) and "rows.jsonl" in str(e.value)
     assert "An error occurred" not in str(e.value) and "StopIteration" not in str(e.value)
+
+
+def test_no_network_is_said_at_once_before_any_library_retries(make_cfg, monkeypatch):
+    "HF_HUB_OFFLINE unset, the Hub unreachable, the model not cached: one message naming the key, no download tried."
+    import socket, transformers, ftlab.hub
+    from ftlab.run import Run
+    from ftlab.errors import FtlabError
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(ftlab.hub, "_REACHABLE", {})
+    def refused(*a, **k): raise OSError("network is unreachable")
+    monkeypatch.setattr(socket, "create_connection", refused)
+    def no_download(*a, **k): raise AssertionError("a library was asked to download")
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", no_download)
+    cfg = make_cfg().model_copy(update={"base_model": "someone/model-not-in-any-cache"})
+    with pytest.raises(FtlabError) as e:
+        Run(cfg).prepare()
+    assert "someone/model-not-in-any-cache" in str(e.value) and "cannot be reached (no network)" in str(e.value)
+    assert e.value.problems[0].key == "base_model"

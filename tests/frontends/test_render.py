@@ -158,3 +158,19 @@ def test_cell_past_the_timeout_is_reported(tmp_path):
     assert r.returncode == 1
     assert "cell 1 of 1 failed" in r.stderr and "ran longer than --timeout 2 s" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_a_reply_streamed_token_by_token_is_one_block(tmp_path):
+    "`print(token, end='', flush=True)` per token (how `Run.chat` streams) reads as one reply, not a line per token."
+    import nbformat
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(
+        "import time, sys\nfor t in ['= ', '7', ' and', ' done']:\n    print(t, end='', flush=True); time.sleep(0.2)\n"
+        "print(' (stderr)', file=sys.stderr)")])
+    path = tmp_path / "stream.ipynb"; nbformat.write(nb, path)
+    out, executed = tmp_path / "stream.html", tmp_path / "stream.executed.ipynb"
+    r = render(path, "--out", str(out), "--executed", str(executed))
+    assert r.returncode == 0, r.stdout + r.stderr
+    streams = [o for o in nbformat.read(executed, 4).cells[0].outputs if o.get("name") == "stdout"]
+    assert len(streams) > 1                                         # the kernel did send the tokens one by one
+    page = out.read_text()
+    assert '<pre class="stdout">= 7 and done</pre>' in page and page.count('<pre class="stdout">') == 1

@@ -32,12 +32,12 @@ def test_quickstart(tmp_path):
               if "application/vnd.plotly.v1+json" in o.get("data", {})]
     assert len(charts) >= 2  # the live dashboard (final state) and Run.load(...).plot()
     loss = next(t for t in charts[0]["data"] if t["name"] == "loss: train")
-    assert loss["x"][-1] == 60 and loss["y"][-1] < loss["y"][0]
+    assert loss["x"][-1] == 200 and loss["y"][-1] < loss["y"][0]
     h = html(nb)
-    assert "ftlab-plan" in h and "ftlab-tok ftlab-trained" in h and "finished at step 60" in h
+    assert "ftlab-plan" in h and "ftlab-tok ftlab-trained" in h and "finished at step 200" in h
     assert (work / "outputs" / "quickstart" / "metrics.jsonl").exists()
     t = text(nb)
-    assert "= 7" in t  # r.chat answers in the format it was fine-tuned on
+    assert "= 7" in t and "sun cat red" in t  # r.chat answers in the format it was fine-tuned on, and reverses words
     assert "Warning" not in t and "Failed to load" not in t  # library noise stays out of the cells
 
 

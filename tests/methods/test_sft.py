@@ -139,3 +139,13 @@ def test_history_has_one_row_per_step_with_eval_beside_train(make_cfg):
     h = run.history
     assert list(h["step"]) == [1, 2, 3, 4] and h["loss"].notna().all()
     assert list(h["eval_loss"].notna()) == [False, True, False, True]
+
+
+def test_lora_targets_that_match_no_layer_name_the_key_and_the_layers(make_cfg):
+    "PEFT's NoMatchingPeftModuleError from inside the trainer becomes one message with the model's layer names."
+    cfg = make_cfg("adapter: lora\nlora_target_modules: [qproj, vproj]\nmax_steps: 1\n")
+    with pytest.raises(FtlabError) as e:
+        Run(cfg).train()
+    msg = str(e.value)
+    assert "`lora_target_modules` names no layer of this model (qproj, vproj)" in msg and "q_proj" in msg
+    assert e.value.problems[0].key == "lora_target_modules" and "NoMatchingPeftModuleError" not in msg
