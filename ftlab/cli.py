@@ -34,6 +34,11 @@ def _parser() -> argparse.ArgumentParser:
     tp.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in output_dir")
     tp.add_argument("--overwrite", action="store_true",
                     help="replace a run already in output_dir (its checkpoints, logs and weights) instead of refusing")
+    tp.add_argument("--num-processes", type=int, default=None, metavar="N",
+                    help="train with N worker processes (DDP; default: one per visible GPU; on a CPU, gloo)")
+    tp.add_argument("--gpus", default=None, metavar="0,1", help="the GPUs to train on, one process each")
+    tp.add_argument("--launcher", choices=["auto", "python"], default="auto",
+                    help="`python`: train in this process (what each worker of a launch does)")
     vp = common(sub.add_parser("vllm-serve", help="serve the config's model with vLLM for GRPO's `vllm_mode: server`"))
     vp.add_argument("--dry-run", action="store_true", help="print the server command and exit")
     return p
@@ -79,23 +84,50 @@ def cmd_preprocess(args) -> int:
     return 0
 
 # %% ../nbs/12_cli.ipynb #a3a20ab7
+def _processes(args) -> int:
+    "Worker processes to start: `--num-processes`, else one per GPU named or visible; 1 inside a launch."
+    from ftlab.distributed import world_size
+    if args.launcher == "python" or world_size() > 1: return 1      # this process is a worker
+    if args.num_processes: return args.num_processes
+    if args.gpus: return len([g for g in args.gpus.split(",") if g.strip()])
+    import torch
+    return max(1, torch.cuda.device_count())
+
 def cmd_train(args) -> int:
+    import os
     from ftlab.run import Run
     from ftlab.methods import get_method
-    cfg = _load(args)
+    from ftlab.distributed import is_main, world_size, under_launcher, launch
+    if args.gpus: os.environ["CUDA_VISIBLE_DEVICES"] = args.gpus
+    cfg = _load(args, show_notes=not under_launcher())
     if args.max_steps is not None: cfg = cfg.model_copy(update={"max_steps": args.max_steps})
+    n = _processes(args)
     headline = get_method(cfg).figures
     def show(r):
         line = format_record(r, headline)
         if line: print(line, flush=True)
-    run = Run(cfg, observers=[show])
-    from ftlab.plan import make_plan
-    print(make_plan(cfg, run.prepare()), flush=True)       # the plan the notebook shows, before the model loads
-    run.resume_command = shlex.join(["ftlab", "train", args.config] + [w for o in args.overrides for w in ("--set", o)]
-                                    + (["--max-steps", str(args.max_steps)] if args.max_steps else []) + ["--resume"])
+    run = Run(cfg)
+    given = [w for o in args.overrides for w in ("--set", o)] + (["--max-steps", str(args.max_steps)] if args.max_steps else [])
+    processes = n if n > 1 else world_size()
+    run.resume_command = shlex.join(["ftlab", "train", args.config] + given
+                                    + (["--num-processes", str(processes)] if processes > 1 else []) + ["--resume"])
+    if not under_launcher():
+        from ftlab.plan import make_plan
+        run.observers.append(show)
+        print(make_plan(cfg, run.prepare(), processes), flush=True)   # the plan the notebook shows, before the model loads
+    else:              # a worker: the command that launched it has shown the data and the plan
+        run.prepare()
+        if is_main(): run.observers.append(show)
+    if n > 1:          # the workers find the data prepared (cached) by this process
+        import torch
+        from ftlab.runfolder import refuse_to_bury
+        refuse_to_bury(cfg, resuming=bool(args.resume), overwrite=args.overwrite)   # before any worker starts
+        flags = (["--resume"] if args.resume else []) + (["--overwrite"] if args.overwrite else [])
+        return launch(["train", args.config, *given, *flags, "--launcher", "python"], n, args.gpus,
+                      cpu=not torch.cuda.is_available())
     run.train(resume=True if args.resume else None, overwrite=args.overwrite)
     losses = [l for l in run.history.get("loss", []) if l is not None and not math.isnan(l)]
-    if run.state == "finished":
+    if run.state == "finished" and is_main():
         print(f"done: {run.output_dir}" + (f" · loss {losses[0]:.4f} → {losses[-1]:.4f}" if losses else ""))
     return 0 if run.state == "finished" else 130
 
@@ -171,12 +203,22 @@ COMMANDS = {"validate": cmd_validate, "preprocess": cmd_preprocess, "train": cmd
 
 def main(argv=None) -> int:
     "Entry point of the `ftlab` command."
+    from ftlab.distributed import under_launcher, report_status
+    import os
+    # `python -m ftlab` puts the current folder on the import path and the `ftlab` script does not: add it, so that
+    # `reward_funcs: [rewards.accuracy]` or `type: my_transforms.fn` finds the files beside the config either way.
+    if os.getcwd() not in sys.path and "" not in sys.path: sys.path.insert(0, os.getcwd())
     args = _parser().parse_args(argv)
+    message = None
     try:
-        return COMMANDS[args.command](args)
+        code = COMMANDS[args.command](args)
     except FtlabError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_code
+        code, message = e.exit_code, str(e)
+        if not under_launcher(): print(f"error: {e}", file=sys.stderr)   # the launcher says it once, with the rank
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+        code = 130
+        if not under_launcher(): print("interrupted", file=sys.stderr)
+    if under_launcher():
+        report_status(code, message)
+        return 0 if code == 130 else code   # an interrupt is not a failure that should tear the other ranks down
+    return code

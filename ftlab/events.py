@@ -71,7 +71,9 @@ def format_record(r: dict, headline=()) -> str | None:
     if e == "phase": return f"· {r['message']}"
     if e == "health": return f"health (step {r['step']}): {r['message']} → {r['fix']}"
     if e in ("interrupted",): return r["message"]
-    if e == "start": return f"training: {r['max_steps']} steps" + (f" (from step {r['step']})" if r.get("step") else "")
+    if e == "start":
+        return (f"training: {r['max_steps']} steps" + (f" (from step {r['step']})" if r.get("step") else "")
+                + (f" on {r['world_size']} processes" if (r.get("world_size") or 1) > 1 else ""))
     if e == "save": return f"saved {r['checkpoint']}"
     return None
 
@@ -91,7 +93,7 @@ def event_callback(emit):
         def on_train_begin(self, args, state, control, **kw):
             self.t0 = time.time(); self.last = (self.t0, state.num_input_tokens_seen or 0)
             emit({"event": "start", "step": state.global_step, "max_steps": state.max_steps,
-                  "epochs": args.num_train_epochs, "logging_steps": args.logging_steps})
+                  "epochs": args.num_train_epochs, "logging_steps": args.logging_steps, "world_size": args.world_size})
 
         def on_log(self, args, state, control, logs=None, **kw):
             logs = dict(logs or {})
@@ -125,6 +127,8 @@ def stop_callback():
         training = False      # set once the trainer starts: before it, an interrupt stops at once
         def on_train_begin(self, args, state, control, **kw): self.training = True
         def on_step_end(self, args, state, control, **kw):
+            from ftlab.distributed import any_rank
+            self.requested = any_rank(self.requested, args.device)   # every rank stops at the same step
             if self.requested:
                 control.should_save = True
                 control.should_training_stop = True

@@ -31,6 +31,7 @@ class Plan:
     steps_per_epoch: int
     total_steps: int
     memory_gb: dict = field(default_factory=dict)
+    processes: int = 1
     warnings: list = field(default_factory=list)
 
     def rows(self) -> list[tuple[str, str]]:
@@ -43,7 +44,8 @@ class Plan:
             ("trainable", f"{_human(self.params_trainable)} ({pct:.2f}%)" + (f" · {self.adapter}" if self.adapter else " · full fine-tune")),
             ("data", f"{self.train_rows} train rows" + (f", {self.eval_rows} eval" if self.eval_rows else "")
                      + f" · {self.tokens:,} tokens, {self.trained_tokens:,} trained"),
-            ("batch", f"effective {self.effective_batch} · {self.steps_per_epoch} steps/epoch · {self.total_steps} steps"),
+            ("batch", f"effective {self.effective_batch}" + (f" ({self.processes} processes)" if self.processes > 1 else "")
+                      + f" · {self.steps_per_epoch} steps/epoch · {self.total_steps} steps"),
             ("memory (est.)", f"≈ {mem.get('total', 0):.2f} GB = weights {mem.get('weights', 0):.2f} + optimizer & grads "
                               f"{mem.get('optimizer', 0):.2f} + activations {mem.get('activations', 0):.2f}"
                               + (f" · CPU memory for offloaded activations {mem['host']:.2f} GB" if "host" in mem else "")),
@@ -80,8 +82,10 @@ def count_params(cfg) -> tuple[int, int, object]:
     total = sum(p.numel() for p in model.parameters())
     if not cfg.adapter: return total, total, mcfg
     from peft import get_peft_model
-    from ftlab.model import lora_config
-    peft_model = get_peft_model(model, lora_config(cfg, head))
+    from ftlab.model import lora_config, check_lora_targets
+    lora = lora_config(cfg, head)
+    check_lora_targets(lora, model)      # the same message as training would give, before PEFT's own error
+    peft_model = get_peft_model(model, lora)
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     return trainable, total + trainable, mcfg
 
@@ -115,8 +119,11 @@ def estimate_memory(cfg, mcfg, trainable: int, total: int, dtype: str) -> dict:
     return out
 
 # %% ../nbs/15_plan.ipynb #c3caafdb
-def make_plan(cfg, prepared) -> Plan:
-    "The plan for `cfg` with its prepared data (see `Run.prepare`)."
+def make_plan(cfg, prepared, processes: int | None = None) -> Plan:
+    """The plan for `cfg` with its prepared data (see `Run.prepare`); `processes`: how many the run will have (default:
+    this launch's world size). `micro_batch_size` is per process, so the effective batch counts all of them."""
+    from ftlab.distributed import world_size
+    processes = processes or world_size()
     from ftlab.model import training_dtype
     from ftlab.methods import steps_per_epoch
     dtype = training_dtype(cfg)
@@ -125,11 +132,11 @@ def make_plan(cfg, prepared) -> Plan:
     rows = len(prepared.train)
     if cfg.sample_packing:  # packed sequences, not rows, make up the batches
         rows = max(1, math.ceil(sum(len(x) for x in prepared.train["input_ids"]) / cfg.sequence_len))
-    spe = steps_per_epoch(cfg, rows)
+    spe = steps_per_epoch(cfg, rows, processes)
     steps = cfg.max_steps or math.ceil(spe * cfg.num_epochs)
     return Plan(method=cfg.method, model=cfg.base_model, dtype=dtype, quantization=cfg.quantization, adapter=cfg.adapter,
                 params_total=total, params_trainable=trainable, train_rows=len(prepared.train),
                 eval_rows=len(prepared.eval) if prepared.eval is not None else 0, tokens=rep.tokens,
-                trained_tokens=rep.trained_tokens, effective_batch=cfg.effective_batch_size, steps_per_epoch=spe,
+                trained_tokens=rep.trained_tokens, effective_batch=cfg.effective_batch_size * processes, steps_per_epoch=spe,
                 total_steps=steps, memory_gb=estimate_memory(cfg, mcfg, trainable, total, dtype),
-                warnings=prepared.warnings())
+                warnings=prepared.warnings(), processes=processes)

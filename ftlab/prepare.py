@@ -181,13 +181,14 @@ def prepare_datasets(cfg, tokenizer, namespace=None, use_cache: bool = True) -> 
         return Prepared(datasets.load_from_disk(str(path / "train")), ev, rep, path, cached=True)
     train, evalset, report = _build(cfg, tokenizer, namespace, raws)
     if use_cache:
-        tmp = path.with_name(path.name + ".tmp")
+        import os, shutil
+        tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")     # processes preparing at once never share a tmp
         train.save_to_disk(str(tmp / "train"))
         if evalset is not None: evalset.save_to_disk(str(tmp / "eval"))
         (tmp / "report.json").write_text(json.dumps(report.to_dict()))
-        if path.exists():
-            import shutil; shutil.rmtree(path)
-        tmp.rename(path)
+        if path.exists() and not (path / "report.json").exists(): shutil.rmtree(path, ignore_errors=True)
+        try: tmp.rename(path)
+        except OSError: shutil.rmtree(tmp, ignore_errors=True)  # another process finished the same cache first
         train = datasets.load_from_disk(str(path / "train"))
         evalset = datasets.load_from_disk(str(path / "eval")) if evalset is not None else None
     return Prepared(train, evalset, report, path if use_cache else None)

@@ -12,6 +12,7 @@ from .events import MetricsLog, read_metrics, history, event_callback, stop_call
 from .inference import chat, score, save, merge
 from .quiet import quiet_libraries
 from .hub import check_hub
+from .distributed import is_main, world_size
 from .runfolder import (DiskFullError, RunLock, atomic_checkpoints, claim_folder, disk_full_error, find_checkpoint, is_disk_full,
                         last_step, run_status)
 
@@ -108,7 +109,8 @@ def _stop_signals(stop):
     def handler(signum, frame):
         again = stop.requested
         stop.requested = True       # kept even when the KeyboardInterrupt below is swallowed (e.g. inside a __del__)
-        if again or not stop.training: raise KeyboardInterrupt
+        # Among several processes SIGTERM is the launcher tearing the ranks down (one failed): stop at once.
+        if again or not stop.training or (signum == signal.SIGTERM and world_size() > 1): raise KeyboardInterrupt
     for s in previous: signal.signal(s, handler)
     try: yield
     finally:
@@ -130,8 +132,9 @@ def _train(self, max_steps: int | None = None, resume=None, callbacks=(), overwr
             prepared = self.prepare()            # a bad dataset fails here, before anything in output_dir changes
             # checks that need the data but not the model (GRPO's reward functions, a vLLM server)
             extra = method.preflight(cfg, prepared, self.tokenizer, self.namespace) if method.preflight else {}
-            lock.acquire()
-            notes += claim_folder(cfg, resuming=ckpt is not None, overwrite=overwrite)
+            if is_main():             # one process writes the folder; the other ranks of a launch only read it
+                lock.acquire()
+                notes += claim_folder(cfg, resuming=ckpt is not None, overwrite=overwrite)
             if ckpt is not None:
                 done, warns = _resume_plan(cfg, ckpt, read_metrics(self.output_dir))
                 if done:
@@ -141,8 +144,8 @@ def _train(self, max_steps: int | None = None, resume=None, callbacks=(), overwr
                              f"(step {last_step(self.records)}): nothing to resume. Raise `max_steps` to train further."})
                     return self
                 notes += warns
-            self.writes_folder = True
-            (self.output_dir / "config.yaml").write_text(cfg.to_yaml())
+            self.writes_folder = is_main()
+            if self.writes_folder: (self.output_dir / "config.yaml").write_text(cfg.to_yaml())
             for n in notes: self.emit({"event": "note", "step": None, "message": n})
             for w in prepared.warnings(): self.warn(w)
             return _fit(self, cfg, method, prepared, extra, ckpt, stop, callbacks)
@@ -189,14 +192,16 @@ def _fit(self, cfg, method, prepared, extra, ckpt, stop, callbacks):
         trainer.train(resume_from_checkpoint=ckpt)
     except KeyboardInterrupt:
         # Interrupted inside a step: the weights and optimizer still hold the last completed step, so a normal
-        # checkpoint of that step is consistent and resumable.
+        # checkpoint of that step is consistent and resumable. Several processes stop at once on a second
+        # interrupt: a checkpoint is a collective step, which the ranks may no longer all reach.
         stop.requested = True
-        _save_now(self, trainer)
+        if world_size() == 1: _save_now(self, trainer)
     except FtlabError as e:
         # A mistake found during training (a reward function failing at a step). The weights hold the last
         # completed step: save them, so that after the fix the run resumes instead of starting again.
         self.state = "failed"
-        if not isinstance(e, DiskFullError): _save_before_failing(self, trainer, e)
+        # (One process only: among several, the rank that failed may be alone, and a checkpoint needs all of them.)
+        if not isinstance(e, DiskFullError) and world_size() == 1: _save_before_failing(self, trainer, e)
         _end(self, trainer.state.global_step, "failed", str(e))
         raise
     except Exception as e:

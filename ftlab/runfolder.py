@@ -13,7 +13,7 @@ from .completions import COMPLETIONS_FILE
 # %% auto #0
 __all__ = ['CHECKPOINT_PREFIX', 'SAVING_DIR', 'LOCK_FILE', 'WEIGHT_FILES', 'checkpoint_step', 'checkpoint_problem', 'checkpoints',
            'find_checkpoint', 'folder_size', 'is_disk_full', 'DiskFullError', 'disk_full_error', 'atomic_checkpoints',
-           'RunLock', 'run_status', 'last_step', 'previous_run', 'clear_run', 'claim_folder']
+           'RunLock', 'run_status', 'last_step', 'previous_run', 'clear_run', 'refuse_to_bury', 'claim_folder']
 
 # %% ../nbs/28_runfolder.ipynb #7e301304
 CHECKPOINT_PREFIX = "checkpoint-"
@@ -228,14 +228,21 @@ def clear_run(output_dir):
         elif p.is_file() and (name in WEIGHT_FILES or name == COMPLETIONS_FILE
                               or (name.startswith("metrics") and name.endswith(".jsonl"))): p.unlink()
 
-def claim_folder(cfg, resuming: bool, overwrite: bool = False) -> list[str]:
-    "Make `output_dir` ready for a run that starts now (call it holding the lock); returns notes for the run."
+def refuse_to_bury(cfg, resuming: bool, overwrite: bool = False) -> str | None:
+    "Stop when a fresh run would replace one in `output_dir` without being told to; what is there, in words."
+    if resuming: return None
     out = Path(cfg.output_dir)
-    if resuming: return []
     before = previous_run(out)
     if before and not (overwrite or cfg.overwrite_output_dir):
         raise RunError(f"`{out}` already holds {before}; a new run would bury it", key="output_dir",
                        fix="continue it with `--resume` (`resume_from_checkpoint: true`), choose another `output_dir`, "
                            "or replace it with `--overwrite` (`overwrite_output_dir: true`)")
+    return before
+
+def claim_folder(cfg, resuming: bool, overwrite: bool = False) -> list[str]:
+    "Make `output_dir` ready for a run that starts now (call it holding the lock); returns notes for the run."
+    out = Path(cfg.output_dir)
+    if resuming: return []
+    before = refuse_to_bury(cfg, resuming, overwrite)
     clear_run(out)      # nothing kept or worth keeping: a fresh folder for the new run
     return [f"replaced {before} in {out}"] if before else []

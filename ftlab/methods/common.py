@@ -13,8 +13,11 @@ __all__ = ['LIGER_FLAGS', 'LOSS_PANEL', 'GRAD_NORM_PANEL', 'steps_per_epoch', 't
            'frozen_reference', 'make_trainer']
 
 # %% ../../nbs/methods/01_common.ipynb #83f1cd2d
-def steps_per_epoch(cfg, n_rows: int) -> int:
-    return max(1, math.ceil(n_rows / (cfg.micro_batch_size * cfg.gradient_accumulation_steps)))
+def steps_per_epoch(cfg, n_rows: int, processes: int | None = None) -> int:
+    "Optimizer steps in one pass over `n_rows`: each step takes a micro-batch per process per accumulation step."
+    from ftlab.distributed import world_size
+    per_step = cfg.micro_batch_size * cfg.gradient_accumulation_steps * (processes or world_size())
+    return max(1, math.ceil(n_rows / per_step))
 
 def training_args(cfg, n_train: int, has_eval: bool) -> dict:
     "Keyword arguments shared by every TRL config class (SFTConfig, DPOConfig, ...)."

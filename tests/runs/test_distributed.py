@@ -1,0 +1,105 @@
+"""Several processes through `ftlab train --num-processes 2` (DDP over gloo on the CPU): the same training as one
+process with accumulation, one run folder written by rank 0, a stop every rank takes at the same step, and a
+worker's mistake said once with its ranks."""
+import json, os, re, shlex, signal, subprocess, sys
+from pathlib import Path
+import pytest
+from ftlab.events import read_metrics
+
+EXE = Path(sys.executable).parent / "ftlab"
+CFG = """base_model: ftlab:tiny
+adapter: lora
+lora_r: 8
+lora_alpha: 16
+lora_target_linear: true
+sequence_len: 128
+micro_batch_size: 2
+learning_rate: 0.002
+logging_steps: 1
+save_steps: 1000
+output_dir: {out}
+datasets:
+  - path: ftlab:data/chat.jsonl
+    type: chat_template
+"""
+
+
+def config(tmp_path, name, extra=""):
+    p = tmp_path / f"{name}.yaml"
+    p.write_text(CFG.format(out=tmp_path / name) + extra)
+    return p
+
+
+def ftlab(*args, timeout=300):
+    return subprocess.run([str(EXE), *map(str, args)], capture_output=True, text=True, timeout=timeout)
+
+
+def logs(folder): return [r for r in read_metrics(folder) if r["event"] == "log"]
+
+
+def adapter(folder):
+    from safetensors.torch import load_file
+    return load_file(str(Path(folder) / "adapter_model.safetensors"))
+
+
+def test_two_processes_train_exactly_like_one_with_accumulation(tmp_path):
+    two = ftlab("train", config(tmp_path, "ddp"), "--num-processes", 2, "--max-steps", 3)
+    assert two.returncode == 0, two.stdout + two.stderr
+    one = ftlab("train", config(tmp_path, "accum", "gradient_accumulation_steps: 2\n"), "--max-steps", 3)
+    half = ftlab("train", config(tmp_path, "half"), "--max-steps", 3)   # one process, one micro-batch: half the rows
+    assert one.returncode == 0 and half.returncode == 0, one.stderr + half.stderr
+    ddp, acc, alone = tmp_path / "ddp", tmp_path / "accum", tmp_path / "half"
+    (start,) = [r for r in read_metrics(ddp) if r["event"] == "start"]
+    assert start["world_size"] == 2 and "training: 3 steps on 2 processes" in two.stdout
+    assert "effective 4 (2 processes)" in two.stdout
+    assert [r["step"] for r in logs(ddp)] == [1, 2, 3]                 # one log, written once, by rank 0
+    assert sorted(p.name for p in ddp.iterdir() if p.name.startswith("metrics")) == ["metrics.jsonl"]
+    assert [r["loss"] for r in logs(ddp)] == [r["loss"] for r in logs(acc)]
+    a, b = adapter(ddp), adapter(acc)
+    assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)  # bit for bit
+    # the second rank's rows counted: without them (one process, one micro-batch) the run differs
+    assert [r["loss"] for r in logs(alone)] != [r["loss"] for r in logs(ddp)]
+    assert two.stdout.count("done:") == 1 and "Traceback" not in two.stderr
+
+
+def test_ctrl_c_stops_every_rank_at_one_step_and_the_printed_command_resumes(tmp_path):
+    cfg = config(tmp_path, "stop")
+    proc = subprocess.Popen([str(EXE), "train", str(cfg), "--num-processes", "2", "--set", "max_steps=300"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith("step 2 "): proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=120)
+    out, err = "".join(lines), proc.stderr.read()
+    assert proc.returncode == 130, out + err
+    step = int(re.search(r"interrupted at step (\d+)", out).group(1))
+    ckpt = tmp_path / "stop" / f"checkpoint-{step}"
+    assert (ckpt / "trainer_state.json").exists() and (ckpt / "rng_state_0.pth").exists() and (ckpt / "rng_state_1.pth").exists()
+    said = re.search(r"Resume with `([^`]+)`", out).group(1)
+    assert said == shlex.join(["ftlab", "train", str(cfg), "--set", "max_steps=300", "--num-processes", "2", "--resume"])
+    again = ftlab(*shlex.split(said.replace("max_steps=300", f"max_steps={step + 2}"))[1:])
+    assert again.returncode == 0, again.stdout + again.stderr
+    starts = [r for r in read_metrics(tmp_path / "stop") if r["event"] == "start"]
+    assert [s["step"] for s in starts] == [0, step] and all(s["world_size"] == 2 for s in starts)
+    assert [r["step"] for r in logs(tmp_path / "stop")][-2:] == [step + 1, step + 2]
+
+
+def test_a_mistake_found_by_the_workers_is_one_message_with_the_ranks(tmp_path):
+    """GRPO under DDP, with a reward function (importable by every worker) that fails at step 2 on both ranks: one
+    message naming the function, the step and the ranks; no traceback, no launcher report."""
+    (tmp_path / "flaky_rewards.py").write_text(
+        "def flaky(completions, trainer_state=None, **kw):\n"
+        "    if trainer_state is not None and trainer_state.global_step == 1: raise KeyError('answer')\n"
+        "    return [float(len(c[0]['content']) % 3) for c in completions]\n")
+    cfg = tmp_path / "grpo.yaml"
+    cfg.write_text(CFG.format(out=tmp_path / "grpo").replace("ftlab:data/chat.jsonl", "ftlab:data/counting.jsonl")
+                   .replace("micro_batch_size: 2", "micro_batch_size: 4") + "rl: grpo\ntrl:\n  reward_funcs: [flaky_rewards.flaky]\n  num_generations: 4\n"
+                     "  max_completion_length: 8\n")
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    r = subprocess.run([str(EXE), "train", str(cfg), "--num-processes", "2", "--max-steps", "3"], capture_output=True,
+                       text=True, timeout=300, env=env)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "error (ranks 0, 1): key `trl.reward_funcs`: reward function `flaky` raised KeyError at step 2" in r.stderr
+    assert r.stderr.count("raised KeyError") == 1 and "Traceback" not in r.stderr and "ChildFailedError" not in r.stderr
+    assert "training: 3 steps on 2 processes" in r.stdout and "step 1 · loss" in r.stdout
