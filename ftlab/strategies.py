@@ -16,10 +16,11 @@ from .messages import DEFAULT_ROLE_MAP, role_map, read_messages, unknown_roles
 IGNORE = -100  # label of a token that is not trained
 
 # %% auto #0
-__all__ = ['IGNORE', 'STRATEGY_KINDS', 'STRATEGIES', 'KIND_NAMES', 'TYPE_NAMES', 'ALPACA_PROMPT', 'ALPACA_PROMPT_NO_INPUT',
-           'register_strategy', 'StrategyContext', 'special_ids', 'example', 'get_messages', 'normalize_messages',
-           'locate_turns', 'chat_template', 'with_eos', 'alpaca', 'input_output', 'completion', 'tokenized',
-           'infer_type', 'prompt_completion', 'resolve_callable', 'custom_transform', 'is_custom_type']
+__all__ = ['IGNORE', 'STRATEGY_KINDS', 'STRATEGIES', 'KIND_NAMES', 'TYPE_NAMES', 'PROMPT_STYLES', 'ALPACA_SYSTEM',
+           'ALPACA_PROMPT', 'ALPACA_PROMPT_NO_INPUT', 'INSTRUCTION_FORMATS', 'alpaca', 'register_strategy',
+           'StrategyContext', 'special_ids', 'example', 'get_messages', 'normalize_messages', 'locate_turns',
+           'chat_template', 'with_eos', 'instruction_example', 'instruction_prompt', 'input_output', 'completion',
+           'tokenized', 'infer_type', 'prompt_completion', 'resolve_callable', 'custom_transform', 'is_custom_type']
 
 # %% ../nbs/05_strategies.ipynb #7e7894ba
 # Strategies by the kind of example they produce; a method reads one kind (its registry entry's `data`):
@@ -259,12 +260,23 @@ def chat_template(row: dict, ctx: StrategyContext) -> list[dict]:
     return [ex]
 
 # %% ../nbs/05_strategies.ipynb #c9b738d2
-ALPACA_PROMPT = ("Below is an instruction that describes a task, paired with an input that provides further context. "
-                 "Write a response that appropriately completes the request.\n\n"
-                 "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n")
-ALPACA_PROMPT_NO_INPUT = ("Below is an instruction that describes a task. "
-                          "Write a response that appropriately completes the request.\n\n"
-                          "### Instruction:\n{instruction}\n\n### Response:\n")
+# The prompt styles axolotl's instruction formats take as a suffix (`type: alpaca:chat`): how the system line, a
+# turn with an input and a turn without one are written.
+PROMPT_STYLES = {
+    "instruct": ("{system}\n\n", "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n",
+                 "### Instruction:\n{instruction}\n\n### Response:\n"),
+    "chat": ("SYSTEM: {system}\n", "USER: {instruction}\n{input}\nASSISTANT:", "USER: {instruction}\nASSISTANT:"),
+    "chatml": ("<|im_start|>system\n{system}<|im_end|>\n",
+               "<|im_start|>user\n{instruction}\n{input}<|im_end|>\n<|im_start|>assistant\n",
+               "<|im_start|>user\n{instruction}<|im_end|>\n<|im_start|>assistant\n"),
+    "phi": ("<|system|>\n{system}<|end|>\n", "<|user|>\n{instruction}<|end|>{input}<|assistant|>",
+            "<|user|>\n{instruction}<|end|>\n<|assistant|>\n"),
+}
+ALPACA_SYSTEM = ("Below is an instruction that describes a task, paired with an input that provides further context. "
+                 "Write a response that appropriately completes the request.",
+                 "Below is an instruction that describes a task. Write a response that appropriately completes the request.")
+ALPACA_PROMPT = ALPACA_SYSTEM[0] + "\n\n" + PROMPT_STYLES["instruct"][1]
+ALPACA_PROMPT_NO_INPUT = ALPACA_SYSTEM[1] + "\n\n" + PROMPT_STYLES["instruct"][2]
 
 def _field(row: dict, name: str, what: str) -> str:
     if name not in row or row[name] is None:
@@ -275,17 +287,63 @@ def with_eos(ids: list[int], tok) -> list[int]:
     "The ids with the eos token at the end, unless the text already ends with it."
     return list(ids) if ids and ids[-1] == tok.eos_token_id else list(ids) + [tok.eos_token_id]
 
-@register_strategy("alpaca")
-def alpaca(row: dict, ctx: StrategyContext) -> list[dict]:
-    tok, ds = ctx.tokenizer, ctx.ds
-    instruction = _field(row, ds.field_instruction or "instruction", "instruction")
-    inp = str(row.get(ds.field_input or "input") or "")
-    output = _field(row, ds.field_output or "output", "response")
-    prompt = (ALPACA_PROMPT if inp.strip() else ALPACA_PROMPT_NO_INPUT).format(instruction=instruction, input=inp)
+def instruction_example(prompt: str, output: str, ctx: StrategyContext) -> list[dict]:
+    "The prompt (with bos) as context, the response and one eos trained."
+    tok = ctx.tokenizer
     p = tok(prompt, add_special_tokens=True)["input_ids"]
     r = with_eos(tok(output, add_special_tokens=False)["input_ids"], tok)
     labels = (list(p) if ctx.train_on_inputs else [IGNORE] * len(p)) + r
     return [example(p + r, labels, ctx, eot_trained=True)]
+
+def _alpaca_fields(row, ds):
+    return (_field(row, ds.field_instruction or "instruction", "instruction"), str(row.get(ds.field_input or "input") or ""),
+            _field(row, ds.field_output or "output", "response"))
+
+def _choices(row, ds):
+    return (_field(row, "question", "question"), "\n".join(f'- "{c}"' for c in row.get("choices") or []),
+            str(row["solution"]) if row.get("solution") is not None else _field(row, "explanation", "explanation"))
+
+# axolotl's instruction formats: the columns each reads as (instruction, input, response), its system prompts (with
+# an input, without), and the style it is written in when the format fixes one
+INSTRUCTION_FORMATS = {
+    "alpaca": (_alpaca_fields, ALPACA_SYSTEM, None),
+    "gpteacher": (lambda row, ds: (_field(row, "instruction", "instruction"), str(row.get("input") or ""),
+                                   _field(row, "response", "response")), ALPACA_SYSTEM, None),
+    "jeopardy": (lambda row, ds: (_field(row, "question", "clue"), _field(row, "category", "category"),
+                                  "what is " + _field(row, "answer", "answer")), ALPACA_SYSTEM, None),
+    "oasst": (lambda row, ds: (_field(row, "INSTRUCTION", "instruction"), "", _field(row, "RESPONSE", "response")),
+              ALPACA_SYSTEM, None),
+    "explainchoice": (_choices, ("Choose the answer that best answers the question. Explain your reasoning.\n",) * 2, None),
+    "concisechoice": (_choices, ("Choose the answer that best answers the question. Be concise in your response.\n\n",) * 2,
+                      ("{system}", "USER: {instruction}\n{input}\nASSISTANT:", "USER: {instruction}\nASSISTANT:")),
+    "summarizetldr": (lambda row, ds: (_field(row, "article", "article"), "", _field(row, "summary", "summary")), ("", ""),
+                      ("{system}", "USER: Summarize the following article as a TL;DR.\n{instruction}\n{input}\nASSISTANT:",
+                       "USER: Summarize the following article as a TL;DR.\n{instruction}\nASSISTANT:")),
+}
+
+def instruction_prompt(fmt: str, style: str, instruction: str, inp: str) -> str:
+    "The prompt of instruction format `fmt` written in prompt style `style`, as axolotl writes it."
+    _, systems, fixed = INSTRUCTION_FORMATS[fmt]
+    sys_fmt, turn, turn_no_input = fixed or PROMPT_STYLES[style]
+    system = systems[0] if inp else systems[1]
+    head = sys_fmt.format(system=system) if system else ""
+    return head + (turn.format(instruction=instruction, input=inp) if inp else turn_no_input.format(instruction=instruction))
+
+def _instruction_strategy(fmt: str, style: str):
+    def strategy(row: dict, ctx: StrategyContext) -> list[dict]:
+        instruction, inp, output = INSTRUCTION_FORMATS[fmt][0](row, ctx.ds)
+        return instruction_example(instruction_prompt(fmt, style, instruction, inp), output, ctx)
+    strategy.__name__ = strategy.__qualname__ = f"{fmt}_{style}"
+    return strategy
+
+for _fmt in INSTRUCTION_FORMATS:
+    for _style in PROMPT_STYLES:
+        register_strategy(f"{_fmt}:{_style}")(_instruction_strategy(_fmt, _style))
+    register_strategy(_fmt)(STRATEGIES[f"{_fmt}:instruct"])
+# axolotl's modules of the same formats: `alpaca_chat` is alpaca written in the chat style, `alpaca_instruct` as is
+register_strategy("alpaca_chat")(STRATEGIES["alpaca:chat"])
+register_strategy("alpaca_instruct")(STRATEGIES["alpaca:instruct"])
+alpaca = STRATEGIES["alpaca"]
 
 @register_strategy("input_output")
 def input_output(row: dict, ctx: StrategyContext) -> list[dict]:

@@ -153,3 +153,14 @@ def test_dataset_template(make_cfg, tok):
     run = Run(make_cfg(datasets=ds))
     ex = run.prepare().train[0]
     assert "### Response:" in run.tokenizer.decode(ex["input_ids"]) and run.tokenizer.chat_template == tok.chat_template
+
+
+def test_dataset_template_checked_with_the_config():
+    from ftlab.config import load_config
+    from ftlab.errors import ConfigError
+    with pytest.raises(ConfigError, match="(?s)datasets\\[0\\].chat_template.*unknown chat template `lama3`"):
+        load_config("base_model: ftlab:tiny\ndatasets:\n  - path: ftlab:data/chat.jsonl\n    type: chat_template\n"
+                    "    chat_template: lama3\n")
+    with pytest.raises(ConfigError, match="(?s)chat_template_jinja.*does not exist"):
+        load_config("base_model: ftlab:tiny\ndatasets:\n  - path: ftlab:data/chat.jsonl\n    type: chat_template\n"
+                    "    chat_template: jinja\n    chat_template_jinja: nowhere.jinja\n")
