@@ -43,6 +43,8 @@ class MaskReport:
     kept_tokens: int = 0
     prompt_too_long: list[str] = field(default_factory=list)
     prompt_rows: int = 0      # rows of online RL: prompts only, their completions are generated during training
+    unknown_roles: list[str] = field(default_factory=list)   # `source#index (role, ...)`
+    notes: list[str] = field(default_factory=list)           # about a dataset as a whole (its template, eot_tokens)
 
     def add(self, ex: dict, name: str):
         "Account for one tokenized example (for a pair: both of its sequences)."
@@ -74,6 +76,12 @@ class MaskReport:
         if self.truncated:
             out.append(f"{len(self.truncated)} rows were cut by `sequence_len` inside a trained response ({few(self.truncated)}). "
                        "Raise `sequence_len` or shorten these rows.")
+        if self.unknown_roles:
+            out.append(f"{len(self.unknown_roles)} rows have messages in roles the chat template does not know "
+                       f"({few(self.unknown_roles)}): the template writes them as it writes any role, and they are "
+                       "trained only if `roles_to_train` or `train_on_inputs` says so. Map them onto the template's "
+                       "roles with `roles: {assistant: [robot]}` (or `user`, `system`), or fix the data.")
+        out += self.notes
         if self.prompt_too_long:
             out.append(f"{len(self.prompt_too_long)} of {self.rows} rows have a prompt of `sequence_len` tokens or more, "
                        f"leaving no room for the response, and were dropped ({few(self.prompt_too_long)}). "

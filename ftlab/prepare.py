@@ -13,6 +13,7 @@ from .sources import load_source, source_fingerprint
 from .masks import MaskReport, trains
 from .preference_data import strategies_for, infer_pref_type
 from .prompt_data import infer_prompt_type
+from .chat_templates import markers_note
 
 # %% auto #0
 __all__ = ['META', 'CACHE_FORMAT', 'data_kind', 'tokenize_dataset', 'tokenizer_fingerprint', 'load_sources', 'cache_key',
@@ -87,9 +88,17 @@ def tokenize_dataset(ds_cfg, cfg, tokenizer, namespace=None, report: MaskReport 
             raise DataError(f"row {i}: {type(e).__name__}: {e}", source=source,
                             fix="check this row against the dataset `type`") from None
         for ex in exs:
+            roles = ex.pop("unknown_roles", None)
+            if roles and report is not None: report.unknown_roles.append(f"{source}#{i} ({', '.join(roles)})")
             ex.update(source=source, row=i)
             if report is not None: report.add(ex, f"{source}#{i}")
             out.append(ex)
+    if report is not None:
+        if "template" in ctx.__dict__ and ctx.template:   # the strategy rendered with a chat template
+            name = getattr(ds_cfg, "chat_template", None) or cfg.chat_template
+            what = f"`chat_template: {name}`" if name and name not in ("jinja", "tokenizer_default") else "the chat template"
+            ctx.notes.append(markers_note(tokenizer, ctx.template, what))
+        report.notes += [n for n in dict.fromkeys(ctx.notes) if n and n not in report.notes]
     return out
 
 # %% ../nbs/07_prepare.ipynb #1fa5b46c
@@ -111,7 +120,7 @@ def load_sources(cfg, namespace=None) -> dict:
 
 # Bumped whenever what is stored changes (columns, report fields, the labels a strategy computes), so old caches
 # are not read back.
-CACHE_FORMAT = 5
+CACHE_FORMAT = 6
 
 def cache_key(cfg, tokenizer, namespace=None, raws: dict | None = None) -> str:
     "Hash of everything the prepared data depends on."

@@ -10,15 +10,17 @@ from functools import cached_property
 from typing import Callable
 from collections.abc import Set
 from .errors import FtlabError, DataError
+from .chat_templates import resolve_chat_template
+from .messages import DEFAULT_ROLE_MAP, role_map, read_messages, unknown_roles
 
 IGNORE = -100  # label of a token that is not trained
 
 # %% auto #0
-__all__ = ['IGNORE', 'STRATEGY_KINDS', 'STRATEGIES', 'KIND_NAMES', 'TYPE_NAMES', 'DEFAULT_ROLE_MAP', 'ALPACA_PROMPT',
-           'ALPACA_PROMPT_NO_INPUT', 'register_strategy', 'StrategyContext', 'special_ids', 'example', 'role_map',
-           'get_messages', 'normalize_messages', 'locate_turns', 'chat_template', 'with_eos', 'alpaca', 'input_output',
-           'completion', 'tokenized', 'infer_type', 'prompt_completion', 'resolve_callable', 'custom_transform',
-           'is_custom_type']
+__all__ = ['IGNORE', 'STRATEGY_KINDS', 'STRATEGIES', 'KIND_NAMES', 'TYPE_NAMES', 'PROMPT_STYLES', 'ALPACA_SYSTEM',
+           'ALPACA_PROMPT', 'ALPACA_PROMPT_NO_INPUT', 'INSTRUCTION_FORMATS', 'alpaca', 'register_strategy',
+           'StrategyContext', 'special_ids', 'example', 'get_messages', 'normalize_messages', 'locate_turns',
+           'chat_template', 'with_eos', 'instruction_example', 'instruction_prompt', 'input_output', 'completion',
+           'tokenized', 'infer_type', 'prompt_completion', 'resolve_callable', 'custom_transform', 'is_custom_type']
 
 # %% ../nbs/05_strategies.ipynb #7e7894ba
 # Strategies by the kind of example they produce; a method reads one kind (its registry entry's `data`):
@@ -60,8 +62,34 @@ class StrategyContext:
     @property
     def train_on_inputs(self) -> bool: return bool(self.cfg.train_on_inputs)
 
+    notes: list[str] = field(default_factory=list)   # said once per dataset, in the plan's warnings
+
     @cached_property
     def special_ids(self) -> set[int]: return special_ids(self.tokenizer)
+
+    @cached_property
+    def template(self) -> str | None:
+        "The chat template this dataset renders with: its own `chat_template` / `chat_template_jinja`, else the tokenizer's."
+        name, jinja = getattr(self.ds, "chat_template", None), getattr(self.ds, "chat_template_jinja", None)
+        own = resolve_chat_template(name, jinja, self.tokenizer) if (name or jinja) else None
+        return own if own is not None else self.tokenizer.chat_template
+
+    @cached_property
+    def eot_ids(self) -> set[int] | None:
+        "Ids of the config's `eot_tokens`; None when it lists none (a turn's end is then read from the template)."
+        names = getattr(self.cfg, "eot_tokens", None)
+        if names is None: return None
+        ids = set()
+        for s in names:
+            got = self.tokenizer(s, add_special_tokens=False)["input_ids"]
+            if len(got) != 1:
+                raise FtlabError(f"`eot_tokens` lists `{s}`, which this tokenizer cuts into {len(got)} pieces", key="eot_tokens",
+                                 fix="list the template's own end-of-turn token, or add this one as a token with "
+                                     "`special_tokens: {additional_special_tokens: [...]}`")
+            if self.template and s not in self.template:
+                self.notes.append(f"`eot_tokens` lists `{s}`, which the chat template never writes: it marks no turn's end")
+            ids.add(got[0])
+        return ids
 
 def special_ids(tok) -> set[int]:
     "Ids of special tokens, including added tokens marked special: end-of-turn markers are among these."
@@ -77,43 +105,20 @@ def example(ids: list[int], labels: list[int], ctx: StrategyContext, eot_trained
     return dict(input_ids=list(ids[:n]), labels=list(labels[:n]), truncated=truncated, eot_trained=eot_trained)
 
 # %% ../nbs/05_strategies.ipynb #54f29d09
-# Role names found in the wild, folded onto the chat-template roles.
-DEFAULT_ROLE_MAP = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "model": "assistant",
-                    "bot": "assistant", "system": "system", "tool": "tool", "function": "tool", "ipython": "ipython"}
-
-def role_map(ds) -> dict[str, str]:
-    "Role names in the data -> chat-template roles: the defaults, then the dataset's `roles:`."
-    return {**DEFAULT_ROLE_MAP, **{src: dst for dst, srcs in (ds.roles or {}).items()
-                                   for src in ([srcs] if isinstance(srcs, str) else srcs)}}
-
-def get_messages(row: dict, ctx: StrategyContext) -> list[dict]:
-    "The row's conversation as `[{'role', 'content'}]`, using the dataset's field mappings."
+def get_messages(row: dict, ctx: StrategyContext, marks: bool = False):
+    "The row's conversation (`field_messages`, and a system column, `field_system`), as `read_messages` gives it."
     ds = ctx.ds
     field_name = ds.field_messages or ("messages" if "messages" in row else "conversations")
     if field_name not in row:
         raise FtlabError(f"no `{field_name}` column (columns: {', '.join(row)})",
                          fix="set `field_messages:` to the column that holds the conversation")
-    return normalize_messages(row[field_name], ctx, field_name)
+    system = row.get(getattr(ds, "field_system", None) or "system")
+    msgs, mk = read_messages(row[field_name], ds, ctx.template, field_name, system if isinstance(system, str) else None)
+    return (msgs, mk) if marks else msgs
 
 def normalize_messages(raw, ctx: StrategyContext, what: str = "messages") -> list[dict]:
-    "A message list from the data as `[{'role', 'content'}]`: property mappings, role names and `drop_system_message` applied."
-    ds, field_name = ctx.ds, what
-    if not isinstance(raw, list) or not raw:
-        raise FtlabError(f"`{field_name}` must be a non-empty list of messages, got {type(raw).__name__}")
-    mapping = dict(ds.message_property_mappings or {})
-    role_key, content_key = mapping.get("role", "role"), mapping.get("content", "content")
-    roles = role_map(ds)
-    msgs = []
-    for i, m in enumerate(raw):
-        # Rows loaded through Arrow share one schema, so a missing field shows up as None rather than absent.
-        if not isinstance(m, dict) or m.get(role_key) is None or content_key not in m:
-            keys = ", ".join(k for k, v in m.items() if v is not None) if isinstance(m, dict) else type(m).__name__
-            raise FtlabError(f"message {i} has no `{role_key}`/`{content_key}` fields (it has: {keys})",
-                             fix="map your fields with `message_property_mappings: {role: <field>, content: <field>}`")
-        role = roles.get(str(m[role_key]), str(m[role_key]))
-        if role == "system" and ds.drop_system_message: continue
-        msgs.append({"role": role, "content": "" if m[content_key] is None else str(m[content_key])})
-    return msgs
+    "A message list from the data as the template renders it: property mappings, role names, parts, reasoning."
+    return read_messages(raw, ctx.ds, ctx.template, what)[0]
 
 def _around_probe(rendered: str, probe: str) -> tuple[str, str] | None:
     "The text before and after `probe` in a rendering that holds it exactly once."
@@ -121,92 +126,157 @@ def _around_probe(rendered: str, probe: str) -> tuple[str, str] | None:
     k = rendered.index(probe)
     return rendered[:k], rendered[k + len(probe):]
 
-def locate_turns(msgs: list[dict], render, which=None) -> tuple[str, dict[int, tuple[int, int, int | None]]]:
+def locate_turns(msgs: list[dict], render, which=None, key: str = "content") -> tuple[str, dict[int, tuple[int, int, int]]]:
     """The rendered conversation and, for each message in `which` (default all) that it shows, `(start, end, close)`:
-    its content is `text[start:end]` and the template's closing text after it (when the turn ends there) is
-    `text[end:close]` (`close` is None where the template writes a turn differently when it is not the last)."""
+    its `key` (the content, or the reasoning) is `text[start:end]`, and the template's own closing text after it is
+    `text[end:close]`: what the template writes after it both when the turn is the last and when it is not."""
     text = render(msgs)
     c = next(chr(k) for k in range(0xE000, 0xF900) if chr(k) not in text)  # a character the conversation lacks
     probe, turns = c * 2, {}
     for i in (range(len(msgs)) if which is None else which):
-        probed = {**msgs[i], "content": probe}
-        # The whole conversation with this one content replaced: whatever differs from `text` is the content as the
+        if key not in msgs[i]: continue
+        probed = {**msgs[i], key: probe}
+        # The whole conversation with this one field replaced: whatever differs from `text` is the field as the
         # template writes it (stripped, if the template strips), wherever it sits, whatever characters it shares
         # with its neighbours.
         whole = _around_probe(render(msgs[:i] + [probed] + msgs[i + 1:]), probe)
         if whole is None or not (text.startswith(whole[0]) and text.endswith(whole[1])
                                  and len(whole[0]) + len(whole[1]) <= len(text)):
-            if not msgs[i]["content"].strip(): continue  # an empty message the template leaves out
+            if not str(msgs[i][key]).strip() or key != "content": continue  # left out by the template
             raise FtlabError(f"ftlab cannot find the content of message {i} ({msgs[i]['role']}) in what the chat "
                              "template writes", fix="check that the template renders every role in the data, each "
                              "message's content once (some have no system turn: set `drop_system_message: true`), "
                              "or choose another `chat_template`")
         start, end = len(whole[0]), len(text) - len(whole[1])
-        # The conversation cut after this message: what follows the probe there is the turn's own closing text.
+        # The conversation cut after this message: what follows the probe there and in the whole conversation alike
+        # is the turn's own closing text (not the next turn's opening).
         try: alone = _around_probe(render(msgs[:i] + [probed]), probe)
         except Exception: alone = None
-        close = end + len(alone[1]) if alone is not None and text.startswith(alone[1], end) else None
-        turns[i] = (start, end, close)
+        n = 0
+        if alone is not None:
+            while n < len(alone[1]) and end + n < len(text) and text[end + n] == alone[1][n]: n += 1
+        turns[i] = (start, end, end + n)
     return text, turns
+
+# %% ../nbs/05_strategies.ipynb #ee40bed3
+def _renderer(ctx: StrategyContext):
+    "Conversation -> text with this dataset's template; a template's own refusal becomes one message."
+    tok, template = ctx.tokenizer, ctx.template
+    kw = dict(getattr(ctx.cfg, "chat_template_kwargs", None) or {})
+    def render(ms):
+        try: return tok.apply_chat_template(ms, tokenize=False, chat_template=template, **kw)
+        except FtlabError: raise
+        except Exception as e:
+            raise FtlabError(f"the chat template refused this conversation ({type(e).__name__}: {str(e)[:200]})",
+                             fix="map the roles it does not take with `roles:` (or set `drop_system_message: true` "
+                                 "for a template without a system turn), or choose another `chat_template`") from None
+    return render
+
+def _span_labels(labels, ids, offsets, ends, start: int, end: int, chars=None):
+    "Train the tokens of `text[start:end]`: every token that overlaps it, or with `chars` (trained positions) only tokens wholly on them."
+    for t in range(bisect.bisect_right(ends, start), len(ids)):
+        s, e = offsets[t]
+        if s >= end: break
+        if e > s and (chars is None or all(p in chars for p in range(s, e))): labels[t] = ids[t]
+
+def _detail_chars(spans, msg_text: str, text: str, start: int, end: int, where: str) -> set[int]:
+    "Positions in `text` of the trained characters of a message field written at `text[start:end]`."
+    shift = msg_text.find(text[start:end]) if end > start else 0
+    if shift < 0:
+        raise FtlabError(f"{where}: the template changes the text of this message, so its training detail cannot be placed",
+                         fix="use a template that writes the content as it is, or train the whole message")
+    return {start + p - shift for b, e, ok in spans if ok for p in range(b, e) if start <= start + p - shift < end}
+
+def _turn_end(ids, offsets, text, end, limit, t, ctx) -> tuple[int | None, int | None]:
+    "(end-of-turn index, eos index) in the turn's closing text `text[end:limit]`."
+    eot = eos = None
+    eot_ids, eos_id, first = ctx.eot_ids, ctx.tokenizer.eos_token_id, True
+    for t in range(t, len(ids)):
+        s, e = offsets[t]
+        if s < end: continue
+        if e > limit: break   # only tokens wholly inside the closing text
+        if eot is None and (ids[t] in eot_ids if eot_ids is not None else first and ids[t] in ctx.special_ids): eot = t
+        if eos is None and ids[t] == eos_id: eos = t
+        first = first and not text[s:e].strip()
+    return eot, (None if eos == eot else eos)
 
 @register_strategy("chat_template")
 def chat_template(row: dict, ctx: StrategyContext) -> list[dict]:
     tok, ds = ctx.tokenizer, ctx.ds
-    if not tok.chat_template:
+    if not ctx.template:
         raise FtlabError("the tokenizer has no chat template", key="chat_template",
                          fix="set `chat_template: chatml` (or another named template) in the config")
     if not getattr(tok, "is_fast", False):
         raise FtlabError("label masks of `type: chat_template` need a fast tokenizer (it gives character offsets)",
                          fix="use a model that ships a fast tokenizer (a `tokenizer.json`)")
-    msgs = get_messages(row, ctx)
-    kw = dict(ds.chat_template_kwargs or {}) if getattr(ds, "chat_template_kwargs", None) else {}
-    render = lambda ms: tok.apply_chat_template(ms, tokenize=False, **kw)
+    msgs, marks = get_messages(row, ctx, marks=True)
+    render = _renderer(ctx)
     roles = role_map(ds)
     to_train = {roles.get(r, r) for r in (ds.roles_to_train if ds.roles_to_train is not None else ["assistant"])}
-    trained = [ctx.train_on_inputs or m["role"] in to_train for m in msgs]  # axolotl's rule, turn by turn
-    mode = getattr(ds, "train_on_eot", None) or ds.train_on_eos or "turn"
-    text, turns = locate_turns(msgs, render, range(len(msgs)) if mode == "all" else [i for i, t in enumerate(trained) if t])
+    # axolotl's rule, turn by turn: the message's own flag, else whether its detail trains anything, else the role
+    trained = [mk.train if mk.train is not None else
+               any(ok for *_, ok in (mk.content or []) + (mk.thinking or [])) if (mk.content or mk.thinking) else
+               ctx.train_on_inputs or m["role"] in to_train for m, mk in zip(msgs, marks)]
+    eot_mode = getattr(ds, "train_on_eot", None) or ds.train_on_eos or "turn"
+    eos_mode = ds.train_on_eos or "turn"
+    which = range(len(msgs)) if "all" in (eot_mode, eos_mode) else [i for i, t in enumerate(trained) if t]
+    text, turns = locate_turns(msgs, render, which)
+    think_key = getattr(ds, "template_thinking_key", None) or "reasoning_content"
+    thinks = locate_turns(msgs, render, [i for i in turns if trained[i] and think_key in msgs[i]], think_key)[1] \
+        if any(think_key in msgs[i] for i in turns if trained[i]) else {}
     enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
     ids, offsets = enc["input_ids"], enc["offset_mapping"]
     ends = [e for _, e in offsets]  # token offsets never decrease, so character spans map to tokens by bisection
     labels = [IGNORE] * len(ids)
-    order, eots = sorted(turns), {}
+    order, eots, eoss = sorted(turns), {}, {}
     for k, i in enumerate(order):
         start, end, close = turns[i]
-        if trained[i]:  # every token that overlaps the content, as the template's own assistant mask counts them
-            for t in range(bisect.bisect_right(ends, start), len(ids)):
-                s, e = offsets[t]
-                if s >= end: break
-                if e > s: labels[t] = ids[t]
-        limit = close if close is not None else (turns[order[k + 1]][0] if k + 1 < len(order) else len(text))
-        eots[i] = _eot_index(ids, offsets, text, end, limit, ctx.special_ids, bisect.bisect_right(ends, end))
-    ends_of_trained = [i for i in order if trained[i] and eots[i] is not None]
-    for i in order:
-        if eots[i] is not None and (mode == "all" or (mode == "turn" and trained[i])
-                                    or (mode == "last" and ends_of_trained and i == ends_of_trained[-1])):
-            labels[eots[i]] = ids[eots[i]]
-    # Only the last trained turn has to stop the generation; flag when even that one cannot.
+        mk, where = marks[i], f"message {i}"
+        if trained[i]:
+            # every token that overlaps the content, as the template's own assistant mask counts them; with a
+            # training detail only the tokens wholly inside its trained characters
+            chars = None if mk.content is None else _detail_chars(mk.content, msgs[i]["content"], text, start, end, where)
+            _span_labels(labels, ids, offsets, ends, start, end, chars)
+            if i in thinks:   # the reasoning, and the template's text from it to the answer when nothing is marked
+                ts, te, _ = thinks[i]
+                tchars = None if mk.thinking is None else _detail_chars(mk.thinking, msgs[i][think_key], text, ts, te, where)
+                plain = mk.thinking is None and mk.content is None and te <= start
+                _span_labels(labels, ids, offsets, ends, ts, start if plain else te, tchars)
+        eots[i], eoss[i] = _turn_end(ids, offsets, text, end, close, bisect.bisect_right(ends, end), ctx)
+        if eots[i] is not None and ids[eots[i]] == tok.eos_token_id and eot_mode != eos_mode and ctx.eot_ids is not None:
+            raise FtlabError(f"`eot_tokens` lists the eos token `{tok.eos_token}`, and `train_on_eos: {eos_mode}` and "
+                             f"`train_on_eot: {eot_mode}` disagree about it", key="eot_tokens",
+                             fix="give train_on_eos and train_on_eot the same value, or leave the eos token out of eot_tokens")
     last = max((i for i in order if trained[i]), default=None)
-    eot_ok = None if last is None else eots[last] is not None and labels[eots[last]] != IGNORE
-    return [example(ids, labels, ctx, eot_trained=eot_ok)]
-
-def _eot_index(ids, offsets, text: str, end: int, limit: int, special: set[int], t: int) -> int | None:
-    "Index of the turn's end token: the first token of its closing text `text[end:limit]` (whitespace skipped), if special."
-    for t in range(t, len(ids)):
-        s, e = offsets[t]
-        if s < end: continue
-        if s >= limit: return None
-        if ids[t] in special: return t
-        if text[s:e].strip(): return None
-    return None
+    for found, mode in ((eots, eot_mode), (eoss, eos_mode)):
+        for i in order:
+            if found[i] is not None and (mode == "all" or (mode == "turn" and trained[i]) or (mode == "last" and i == last)):
+                labels[found[i]] = ids[found[i]]
+    # Only the last trained turn has to stop the generation; flag when even that one cannot.
+    eot_ok = None if last is None else any(f[last] is not None and labels[f[last]] != IGNORE for f in (eots, eoss))
+    ex = example(ids, labels, ctx, eot_trained=eot_ok)
+    unknown = unknown_roles(msgs, ctx.template, to_train)
+    if unknown: ex["unknown_roles"] = unknown
+    return [ex]
 
 # %% ../nbs/05_strategies.ipynb #c9b738d2
-ALPACA_PROMPT = ("Below is an instruction that describes a task, paired with an input that provides further context. "
-                 "Write a response that appropriately completes the request.\n\n"
-                 "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n")
-ALPACA_PROMPT_NO_INPUT = ("Below is an instruction that describes a task. "
-                          "Write a response that appropriately completes the request.\n\n"
-                          "### Instruction:\n{instruction}\n\n### Response:\n")
+# The prompt styles axolotl's instruction formats take as a suffix (`type: alpaca:chat`): how the system line, a
+# turn with an input and a turn without one are written.
+PROMPT_STYLES = {
+    "instruct": ("{system}\n\n", "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n",
+                 "### Instruction:\n{instruction}\n\n### Response:\n"),
+    "chat": ("SYSTEM: {system}\n", "USER: {instruction}\n{input}\nASSISTANT:", "USER: {instruction}\nASSISTANT:"),
+    "chatml": ("<|im_start|>system\n{system}<|im_end|>\n",
+               "<|im_start|>user\n{instruction}\n{input}<|im_end|>\n<|im_start|>assistant\n",
+               "<|im_start|>user\n{instruction}<|im_end|>\n<|im_start|>assistant\n"),
+    "phi": ("<|system|>\n{system}<|end|>\n", "<|user|>\n{instruction}<|end|>{input}<|assistant|>",
+            "<|user|>\n{instruction}<|end|>\n<|assistant|>\n"),
+}
+ALPACA_SYSTEM = ("Below is an instruction that describes a task, paired with an input that provides further context. "
+                 "Write a response that appropriately completes the request.",
+                 "Below is an instruction that describes a task. Write a response that appropriately completes the request.")
+ALPACA_PROMPT = ALPACA_SYSTEM[0] + "\n\n" + PROMPT_STYLES["instruct"][1]
+ALPACA_PROMPT_NO_INPUT = ALPACA_SYSTEM[1] + "\n\n" + PROMPT_STYLES["instruct"][2]
 
 def _field(row: dict, name: str, what: str) -> str:
     if name not in row or row[name] is None:
@@ -217,17 +287,63 @@ def with_eos(ids: list[int], tok) -> list[int]:
     "The ids with the eos token at the end, unless the text already ends with it."
     return list(ids) if ids and ids[-1] == tok.eos_token_id else list(ids) + [tok.eos_token_id]
 
-@register_strategy("alpaca")
-def alpaca(row: dict, ctx: StrategyContext) -> list[dict]:
-    tok, ds = ctx.tokenizer, ctx.ds
-    instruction = _field(row, ds.field_instruction or "instruction", "instruction")
-    inp = str(row.get(ds.field_input or "input") or "")
-    output = _field(row, ds.field_output or "output", "response")
-    prompt = (ALPACA_PROMPT if inp.strip() else ALPACA_PROMPT_NO_INPUT).format(instruction=instruction, input=inp)
+def instruction_example(prompt: str, output: str, ctx: StrategyContext) -> list[dict]:
+    "The prompt (with bos) as context, the response and one eos trained."
+    tok = ctx.tokenizer
     p = tok(prompt, add_special_tokens=True)["input_ids"]
     r = with_eos(tok(output, add_special_tokens=False)["input_ids"], tok)
     labels = (list(p) if ctx.train_on_inputs else [IGNORE] * len(p)) + r
     return [example(p + r, labels, ctx, eot_trained=True)]
+
+def _alpaca_fields(row, ds):
+    return (_field(row, ds.field_instruction or "instruction", "instruction"), str(row.get(ds.field_input or "input") or ""),
+            _field(row, ds.field_output or "output", "response"))
+
+def _choices(row, ds):
+    return (_field(row, "question", "question"), "\n".join(f'- "{c}"' for c in row.get("choices") or []),
+            str(row["solution"]) if row.get("solution") is not None else _field(row, "explanation", "explanation"))
+
+# axolotl's instruction formats: the columns each reads as (instruction, input, response), its system prompts (with
+# an input, without), and the style it is written in when the format fixes one
+INSTRUCTION_FORMATS = {
+    "alpaca": (_alpaca_fields, ALPACA_SYSTEM, None),
+    "gpteacher": (lambda row, ds: (_field(row, "instruction", "instruction"), str(row.get("input") or ""),
+                                   _field(row, "response", "response")), ALPACA_SYSTEM, None),
+    "jeopardy": (lambda row, ds: (_field(row, "question", "clue"), _field(row, "category", "category"),
+                                  "what is " + _field(row, "answer", "answer")), ALPACA_SYSTEM, None),
+    "oasst": (lambda row, ds: (_field(row, "INSTRUCTION", "instruction"), "", _field(row, "RESPONSE", "response")),
+              ALPACA_SYSTEM, None),
+    "explainchoice": (_choices, ("Choose the answer that best answers the question. Explain your reasoning.\n",) * 2, None),
+    "concisechoice": (_choices, ("Choose the answer that best answers the question. Be concise in your response.\n\n",) * 2,
+                      ("{system}", "USER: {instruction}\n{input}\nASSISTANT:", "USER: {instruction}\nASSISTANT:")),
+    "summarizetldr": (lambda row, ds: (_field(row, "article", "article"), "", _field(row, "summary", "summary")), ("", ""),
+                      ("{system}", "USER: Summarize the following article as a TL;DR.\n{instruction}\n{input}\nASSISTANT:",
+                       "USER: Summarize the following article as a TL;DR.\n{instruction}\nASSISTANT:")),
+}
+
+def instruction_prompt(fmt: str, style: str, instruction: str, inp: str) -> str:
+    "The prompt of instruction format `fmt` written in prompt style `style`, as axolotl writes it."
+    _, systems, fixed = INSTRUCTION_FORMATS[fmt]
+    sys_fmt, turn, turn_no_input = fixed or PROMPT_STYLES[style]
+    system = systems[0] if inp else systems[1]
+    head = sys_fmt.format(system=system) if system else ""
+    return head + (turn.format(instruction=instruction, input=inp) if inp else turn_no_input.format(instruction=instruction))
+
+def _instruction_strategy(fmt: str, style: str):
+    def strategy(row: dict, ctx: StrategyContext) -> list[dict]:
+        instruction, inp, output = INSTRUCTION_FORMATS[fmt][0](row, ctx.ds)
+        return instruction_example(instruction_prompt(fmt, style, instruction, inp), output, ctx)
+    strategy.__name__ = strategy.__qualname__ = f"{fmt}_{style}"
+    return strategy
+
+for _fmt in INSTRUCTION_FORMATS:
+    for _style in PROMPT_STYLES:
+        register_strategy(f"{_fmt}:{_style}")(_instruction_strategy(_fmt, _style))
+    register_strategy(_fmt)(STRATEGIES[f"{_fmt}:instruct"])
+# axolotl's modules of the same formats: `alpaca_chat` is alpaca written in the chat style, `alpaca_instruct` as is
+register_strategy("alpaca_chat")(STRATEGIES["alpaca:chat"])
+register_strategy("alpaca_instruct")(STRATEGIES["alpaca:instruct"])
+alpaca = STRATEGIES["alpaca"]
 
 @register_strategy("input_output")
 def input_output(row: dict, ctx: StrategyContext) -> list[dict]:

@@ -7,50 +7,10 @@ from __future__ import annotations
 from pathlib import Path
 from .errors import FtlabError
 from .assets import is_embedded, embedded_path
+from .chat_templates import resolve_chat_template
 
 # %% auto #0
-__all__ = ['CHATML_TEMPLATE', 'named_chat_templates', 'resolve_chat_template', 'model_path', 'load_error', 'load_tokenizer']
-
-# %% ../nbs/03_tokenizer.ipynb #6aa09347
-# ChatML. The assistant's content and its <|im_end|> sit inside {% generation %} so that
-# `return_assistant_tokens_mask` agrees with ftlab's own masks; the newline after <|im_end|> is outside.
-CHATML_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' }}"
-    "{% if message['role'] == 'assistant' %}{% generation %}{{ message['content'] + '<|im_end|>' }}{% endgeneration %}"
-    "{% else %}{{ message['content'] + '<|im_end|>' }}{% endif %}"
-    "{{ '\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
-
-def named_chat_templates() -> dict[str, Path | str]:
-    "Template names a config may use: `chatml` plus the model-family templates shipped with TRL."
-    import trl
-    d = Path(trl.__file__).parent / "chat_templates"
-    names = {p.stem: p for p in sorted(d.glob("*.jinja")) if not p.stem.endswith("_training")}
-    names["chatml"] = CHATML_TEMPLATE
-    return names
-
-def resolve_chat_template(name: str | None, jinja: str | None = None, tokenizer=None) -> str | None:
-    "The Jinja text for the config's `chat_template` setting (None keeps the tokenizer's own)."
-    if name in (None, "tokenizer_default"): return None
-    if name == "jinja":
-        if not jinja: raise FtlabError("`chat_template: jinja` needs the template text", key="chat_template_jinja",
-                                       fix="add `chat_template_jinja: |` followed by the Jinja template")
-        return jinja
-    if name.startswith("tokenizer_default_fallback_"):
-        if tokenizer is not None and tokenizer.chat_template: return None
-        name = name[len("tokenizer_default_fallback_"):]
-    known = named_chat_templates()
-    if name not in known:
-        import difflib
-        close = difflib.get_close_matches(name, list(known), n=3)
-        hint = f"did you mean {', '.join(close)}? " if close else ""
-        raise FtlabError(f"unknown chat template `{name}`", key="chat_template",
-                         fix=f"{hint}use tokenizer_default, jinja, or one of: {', '.join(sorted(known))}")
-    t = known[name]
-    return t if isinstance(t, str) else t.read_text(encoding="utf-8")
+__all__ = ['model_path', 'load_error', 'load_tokenizer']
 
 # %% ../nbs/03_tokenizer.ipynb #011c1768
 def model_path(name: str) -> str:

@@ -15,6 +15,8 @@ from .sections import TYPE_KEYS
 from .source import Where
 from .values import fmt, key_text, name_list
 from ..strategies import KIND_NAMES, STRATEGY_KINDS
+from ..chat_templates import resolve_chat_template
+from ..errors import FtlabError
 
 # %% auto #0
 __all__ = ['CHECKS', 'registry', 'Found', 'method_words', 'check_data', 'check_method', 'check_generation', 'check_ebft',
@@ -122,6 +124,11 @@ def check_data(cfg: Config, found: Found):
                 other = [k for k in ds.model_fields_set if any(k in keys for keys in TYPE_KEYS.values()) and k not in TYPE_KEYS[tk]]
                 for k in sorted(other):
                     found.note(dp + (k,), f"`{key_text(dp + (k,))}` is not read by `type: {ds.type}`; ignored")
+            if ds.chat_template or ds.chat_template_jinja:   # a dataset's own template: its name or file
+                try: resolve_chat_template(ds.chat_template, ds.chat_template_jinja)
+                except FtlabError as e:
+                    k = "chat_template_jinja" if (e.problems[0].key or "").endswith("jinja") else "chat_template"
+                    found.error(dp + (k,), e.problems[0].message, e.problems[0].fix)
             if ds.shards_idx is not None and (ds.shards is None or ds.shards_idx >= ds.shards):
                 found.error(dp + ("shards_idx",), f"shards_idx {ds.shards_idx} needs `shards` greater than it (shards: {ds.shards})",
                             "set `shards: N` and a `shards_idx` from 0 to N-1", dp + ("shards",))
@@ -348,9 +355,13 @@ def check_runnable(cfg: Config, found: Found):
                 found.error(p, f"`type: {t}` (an axolotl prompt format) is not supported yet in this version of ftlab",
                             "use `type: chat_template` and name the template with `chat_template:` (e.g. chatml, llama3); "
                             "map columns with `field_prompt` / `field_chosen` / `field_rejected` where they differ")
-            elif isinstance(t, str) and not t.startswith("@") and "." not in t:
+            elif isinstance(t, str) and t not in DATASET_TYPES and not t.startswith("@") and "." not in t:
                 base = t.split(":")[0]
-                if base in AXOLOTL_DATASET_TYPES:
+                styles = sorted(n for n in DATASET_TYPES if n.startswith(base + ":"))
+                if styles:
+                    found.error(p, f"`type: {t}`: `{t.split(':', 1)[1]}` is not a prompt style of `{base}`",
+                                f"use one of: {', '.join(styles)}")
+                elif base in AXOLOTL_DATASET_TYPES:
                     found.error(p, f"`type: {t}` is not supported yet in this version of ftlab", AXOLOTL_DATASET_TYPES[base])
                 elif ":" in t:
                     found.error(p, f"`type: {t}` (a prompt-style suffix) is not supported yet in this version of ftlab",

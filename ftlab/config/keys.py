@@ -151,7 +151,6 @@ UNSUPPORTED_KEYS: dict[str, str] = {
     "fix_untrained_tokens": "remove it", "dataset_exact_deduplication": "deduplicate the data before training",
     "processor_type": "multimodal models are not supported yet",
     "curriculum_sampling": "remove it (data order is shuffled, or kept with `shuffle_merged_datasets: false`)",
-    "eot_tokens": "remove it (end-of-turn tokens come from the chat template)",
     "peft_layers_to_transform": "remove it, and choose modules with `lora_target_modules`",
     "auto_find_batch_size": "set `micro_batch_size` yourself", "max_packed_sequence_len": "use `sequence_len` with `sample_packing: true`",
 }

@@ -132,6 +132,7 @@ class DataKeys(Section):
     default_system_message: str | None = F(None, "system prompt added when a conversation has none")
     special_tokens: SpecialTokens | None = F(None, "special tokens to set on the tokenizer")
     tokens: list[str] | None = F(None, "new tokens to add to the vocabulary")
+    eot_tokens: list[str] | None = F(None, "the tokens that end a turn (default: the first special token of each turn's closing text)")
 
     @property
     def has_eval_data(self) -> bool:

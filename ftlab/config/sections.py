@@ -134,10 +134,16 @@ class DatasetConfig(Section):
     field_system: str | None = F(None, "column holding a system prompt")
     roles: dict[str, list[str]] | None = F(None, "role -> the names it has in the data, e.g. `{assistant: [gpt, bot]}`")
     roles_to_train: list[str] | None = Field(default_factory=lambda: ["assistant"], description="roles whose turns are trained")
-    train_on_eos: TrainOnEos | None = F("turn", "which end-of-turn tokens are trained: turn (each trained turn), last, all, none")
-    train_on_eot: TrainOnEos | None = F(None, "same as train_on_eos, for end-of-turn tokens distinct from EOS")
+    train_on_eos: TrainOnEos | None = F("turn", "which eos tokens are trained: turn (each trained turn's), last, all, none")
+    train_on_eot: TrainOnEos | None = F(None, "which end-of-turn tokens are trained (the template's, or `eot_tokens`); default: as train_on_eos")
     drop_system_message: bool | None = F(None, "drop system messages from the conversations")
-    chat_template: str | None = F(None, "chat template for this dataset only")
+    chat_template: str | None = F(None, "chat template for this dataset only (a name, tokenizer_default, or jinja)")
+    chat_template_jinja: str | None = F(None, "this dataset's Jinja template (text or a .jinja file), with `chat_template: jinja`")
+    message_field_training: str | None = F(None, "message field saying whether that message is trained (true/false or 1/0)")
+    message_field_training_detail: str | None = F(None, "message field with the character spans to train: `[{begin_offset, end_offset, train}]`")
+    field_thinking: str | None = F(None, "message field holding the reasoning (default `reasoning_content`)")
+    template_thinking_key: str | None = F(None, "the name the chat template reads the reasoning under (default `reasoning_content`)")
+    split_thinking: bool | None = F(None, "cut `<think>...</think>` out of assistant content and pass it as the reasoning")
     # alpaca
     field_instruction: str | None = F(None, "alpaca: instruction column (default `instruction`)")
     field_input: str | None = F(None, "alpaca: input column (default `input`)")
@@ -166,7 +172,8 @@ class DatasetConfig(Section):
 TYPE_KEYS = {
     "chat_template": {"field_messages", "message_property_mappings", "message_field_role", "message_field_content",
                       "field_system", "roles", "roles_to_train", "train_on_eos", "train_on_eot",
-                      "drop_system_message", "chat_template"},
+                      "drop_system_message", "chat_template", "chat_template_jinja", "message_field_training",
+                      "message_field_training_detail", "field_thinking", "template_thinking_key", "split_thinking"},
     "alpaca": {"field_instruction", "field_input", "field_output", "field_system"},
     "completion": {"field"},
     "input_output": set(),
