@@ -130,7 +130,10 @@ def test_fused_lora_kernels_train_like_peft(make_cfg):
     notes = [r["message"] for r in fused.records if r["event"] == "note"]
     assert notes == ["fused LoRA kernels on 28 projections (qkv, o, mlp)"]
     a, b = [r["loss"] for r in logs(plain)], [r["loss"] for r in logs(fused)]
-    assert len(a) == len(b) == 5 and all(abs(x - y) < 1e-4 for x, y in zip(a, b)), (a, b)
+    from ftlab.model import training_dtype
+    # float32 (a CPU): equal to 1e-4; bfloat16 on a GPU rounds differently in a fused matmul: 0.1% of the loss
+    close = (lambda x, y: abs(x - y) < 1e-4) if training_dtype(base) == "float32" else (lambda x, y: abs(x - y) < 1e-3 * abs(x))
+    assert len(a) == len(b) == 5 and all(close(x, y) for x, y in zip(a, b)), (a, b)
 
 
 def test_history_has_one_row_per_step_with_eval_beside_train(make_cfg):

@@ -13,7 +13,7 @@ NOISE = ("Loading weights", "LOAD REPORT", "MISSING", "newly initialized", "Fail
 
 def fresh_process(code: str, cwd) -> str:
     "Output (stdout and stderr) of `code` in a new Python process, run outside the checkout (as a user would)."
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     r = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=cwd, env=env, capture_output=True, text=True,
                        timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr

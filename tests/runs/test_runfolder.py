@@ -18,7 +18,7 @@ def notes(run): return [r["message"] for r in read_metrics(run.output_dir) if r[
 
 def python(code: str, **kw):
     "Run `code` in a fresh Python process (the tests' environment: offline, ftlab from this checkout)."
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     return subprocess.Popen([sys.executable, "-c", textwrap.dedent(code)], env=env, cwd=ROOT, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **kw)
 
