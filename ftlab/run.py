@@ -163,6 +163,7 @@ def _fit(self, cfg, method, prepared, extra, ckpt, stop, callbacks):
     import transformers
     from ftlab.model import load_model, load_adapter, apply_kernels, attention_note, freeze_parameters, long_context_callback
     from ftlab.health import HealthMonitor
+    from ftlab.methods.common import liger_note
     transformers.set_seed(cfg.seed)
     self.phase(f"loading the model {cfg.base_model}" + (f" ({cfg.adapter})" if cfg.adapter else " (full fine-tuning)"))
     model = load_model(cfg, self.tokenizer, method.head)
@@ -174,7 +175,7 @@ def _fit(self, cfg, method, prepared, extra, ckpt, stop, callbacks):
     self.phase(f"building the {cfg.method} trainer")
     self.trainer = trainer = method.build(cfg, method, model, self.tokenizer, prepared, [events, *callbacks, stop], **extra)
     atomic_checkpoints(trainer)
-    for note in (attention_note(cfg), frozen, apply_kernels(cfg, trainer.model)):
+    for note in (attention_note(cfg), frozen, apply_kernels(cfg, trainer.model), liger_note(cfg)):
         if note: self.emit({"event": "note", "step": 0, "message": note})
     long_ctx = long_context_callback(cfg, self.emit) if cfg.offload_activations or cfg.tiled_mlp else None
     if long_ctx: trainer.add_callback(long_ctx)
