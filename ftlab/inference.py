@@ -118,7 +118,7 @@ def merge(run, path) -> Path:
     from peft import PeftModel
     # unquantized, with the method's head (a reward model keeps its scoring layer)
     head, cfg = get_method(run.cfg).head, run.cfg
-    auto, num_labels = cfg.model_type or head.auto_class, cfg.num_labels or head.num_labels
+    auto, num_labels = cfg.auto_class or head.auto_class, cfg.num_labels or head.num_labels
     base = getattr(transformers, auto).from_pretrained(model_path(cfg.base_model), dtype=torch_dtype(cfg),
                                                        trust_remote_code=cfg.trust_remote_code,
                                                        **({"num_labels": num_labels} if num_labels else {}))

@@ -9,8 +9,8 @@ from .tokenizer import model_path, load_error
 
 # %% auto #0
 __all__ = ['KERNEL_KEYS', 'device_info', 'training_dtype', 'torch_dtype', 'attn_implementation', 'attention_note',
-           'quantization_config', 'load_model', 'lora_config', 'load_adapter', 'check_lora_targets', 'apply_kernels',
-           'count_parameters', 'apply_long_context', 'long_context_callback']
+           'quantization_config', 'load_model', 'lora_config', 'load_adapter', 'check_lora_targets',
+           'freeze_parameters', 'apply_kernels', 'count_parameters', 'apply_long_context', 'long_context_callback']
 
 # %% ../nbs/08_model.ipynb #a4f255bd
 def device_info() -> dict:
@@ -29,23 +29,38 @@ def torch_dtype(cfg):
     import torch
     return getattr(torch, training_dtype(cfg))
 
+def _asked_attention(cfg) -> tuple[str, str]:
+    "(the attention implementation the config asks for, the key that asks) -- `sdpa` when it says nothing."
+    if cfg.attn_implementation: return cfg.attn_implementation, f"attn_implementation: {cfg.attn_implementation}"
+    for key, impl in (("flash_attention", "flash_attention_2"), ("flex_attention", "flex_attention"),
+                      ("sdp_attention", "sdpa"), ("xformers_attention", "xformers"), ("eager_attention", "eager")):
+        if getattr(cfg, key, None): return impl, f"{key}: true"
+    return "sdpa", ""
+
+def _fallback(impl: str) -> str | None:
+    "Why `impl` cannot run on this machine (then SDPA runs instead), or None when it can."
+    import importlib.util
+    cuda = device_info()["cuda"]
+    if impl.startswith("flash_attention"):
+        if not cuda: return "no CUDA GPU"
+        pkg = "flash_attn_interface" if impl == "flash_attention_3" else "flash_attn"
+        if importlib.util.find_spec(pkg) is None: return f"the {pkg.replace('_', '-')} package is not installed"
+    if impl == "xformers": return "ftlab serves xformers attention with PyTorch's SDPA (same maths)"
+    if "/" in impl:   # a Hub kernel, e.g. kernels-community/vllm-flash-attn3
+        if not cuda: return "no CUDA GPU"
+        if importlib.util.find_spec("kernels") is None: return "the kernels package is not installed"
+    return None
+
 def attn_implementation(cfg) -> str | None:
-    "The attention kernel: the config's choice, with flash-attention falling back to SDPA where it cannot run."
-    if cfg.attn_implementation: return cfg.attn_implementation
-    if cfg.flash_attention:
-        import importlib.util
-        if device_info()["cuda"] and importlib.util.find_spec("flash_attn"): return "flash_attention_2"
-        return "sdpa"
-    if cfg.flex_attention: return "flex_attention"
-    if cfg.xformers_attention: return "sdpa"
-    return "sdpa"
+    "The attention kernel: the config's choice, with flash-attention (and Hub kernels) falling back to SDPA where they cannot run."
+    impl, _ = _asked_attention(cfg)
+    return "sdpa" if _fallback(impl) else impl
 
 def attention_note(cfg) -> str | None:
     "Say so when the attention the config asked for is not the one this machine will use."
-    if cfg.flash_attention and attn_implementation(cfg) != "flash_attention_2":
-        why = "no CUDA GPU" if not device_info()["cuda"] else "the flash-attn package is not installed"
-        return f"`flash_attention: true` but {why}: using PyTorch's SDPA attention instead"
-    return None
+    impl, key = _asked_attention(cfg)
+    why = _fallback(impl)
+    return f"`{key}` but {why}: using PyTorch's SDPA attention instead" if why and key else None
 
 def quantization_config(cfg, dtype, head=None):
     "A `BitsAndBytesConfig` for `load_in_4bit` (nf4, QLoRA) or `load_in_8bit`, else None."
@@ -63,7 +78,7 @@ def load_model(cfg, tokenizer=None, head=None):
     """The base model for `cfg`, quantized if asked, embeddings resized to the tokenizer. No adapter yet.
     `head`: the method's `ftlab.methods.Head` (None: a causal LM)."""
     import transformers
-    auto = cfg.model_type or (head.auto_class if head is not None else "AutoModelForCausalLM")
+    auto = cfg.auto_class or (head.auto_class if head is not None else "AutoModelForCausalLM")
     num_labels = cfg.num_labels or (head.num_labels if head is not None else None)
     model_class = getattr(transformers, auto, None)
     if model_class is None or not auto.startswith("AutoModel"):
@@ -97,7 +112,9 @@ def lora_config(cfg, head=None):
     if cfg.lora_target_linear: targets = "all-linear"
     elif not targets: targets = None  # PEFT's defaults for known architectures
     task = head.task_type if head is not None else "CAUSAL_LM"
+    if targets is None and cfg.lora_target_parameters: targets = []   # parameters only: no module needs a default target
     return LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules=targets,
+                      target_parameters=cfg.lora_target_parameters or None,
                       modules_to_save=cfg.lora_modules_to_save or None, use_dora=bool(cfg.peft_use_dora),
                       use_rslora=bool(cfg.peft_use_rslora), fan_in_fan_out=bool(cfg.lora_fan_in_fan_out),
                       bias="none", task_type=task,
@@ -114,6 +131,13 @@ def load_adapter(model, cfg):
 # %% ../nbs/08_model.ipynb #a524249e
 def check_lora_targets(lora, model):
     "Refuse `lora_target_modules` that match no layer of `model` (PEFT's own matching), naming the layers it has."
+    if lora is not None and getattr(lora, "target_parameters", None):
+        names = {n for n, _ in model.named_parameters()}
+        for t in lora.target_parameters:
+            if not any(n == t or n.endswith("." + t) or n.endswith("." + t + ".weight") for n in names):
+                raise FtlabError(f"`lora_target_parameters` names no parameter of this model ({t})", key="lora_target_parameters",
+                                 fix="use parameter names as `model.named_parameters()` lists them, e.g. `mlp.experts.gate_up_proj`")
+        if not lora.target_modules: return
     if lora is None or lora.target_modules is None or lora.target_modules == "all-linear": return
     import torch
     from peft.tuners.tuners_utils import check_target_module_exists
@@ -123,6 +147,24 @@ def check_lora_targets(lora, model):
     given = lora.target_modules if isinstance(lora.target_modules, str) else ", ".join(sorted(lora.target_modules))
     raise FtlabError(f"`lora_target_modules` names no layer of this model ({given})", key="lora_target_modules",
                      fix=f"use names of its linear layers ({', '.join(linear)}) or `lora_target_linear: true`")
+
+# %% ../nbs/08_model.ipynb #1509f2d9
+def freeze_parameters(cfg, model) -> str | None:
+    "Apply `unfrozen_parameters` to a full fine-tune: train only the matching parameters; a one-line account, or None."
+    if not cfg.unfrozen_parameters or cfg.adapter: return None
+    import re
+    pats = [re.compile(p) for p in cfg.unfrozen_parameters]
+    kept = 0
+    for name, p in model.named_parameters():
+        on = any(r.match(name) for r in pats)
+        p.requires_grad_(on)
+        kept += on
+    if not kept:
+        some = ", ".join(n for n, _ in list(model.named_parameters())[:4])
+        raise FtlabError("`unfrozen_parameters` matches no parameter of this model", key="unfrozen_parameters",
+                         fix=f"write regexes over names such as {some}")
+    total = sum(1 for _ in model.parameters())
+    return f"unfrozen_parameters: {kept} of {total} parameter tensors train, the others are frozen"
 
 # %% ../nbs/08_model.ipynb #8b6817ae
 KERNEL_KEYS = {"qkv": "lora_qkv_kernel", "o": "lora_o_kernel", "mlp": "lora_mlp_kernel"}

@@ -71,7 +71,7 @@ def count_params(cfg) -> tuple[int, int, object]:
     from ftlab.tokenizer import model_path, load_error
     from ftlab.methods import get_method
     head = get_method(cfg).head
-    auto, num_labels = cfg.model_type or head.auto_class, cfg.num_labels or head.num_labels
+    auto, num_labels = cfg.auto_class or head.auto_class, cfg.num_labels or head.num_labels
     try:
         mcfg = AutoConfig.from_pretrained(model_path(cfg.base_model), trust_remote_code=cfg.trust_remote_code,
                                           **({"num_labels": num_labels} if num_labels else {}))

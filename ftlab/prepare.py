@@ -17,7 +17,7 @@ from .chat_templates import markers_note
 
 # %% auto #0
 __all__ = ['META', 'CACHE_FORMAT', 'data_kind', 'tokenize_dataset', 'tokenizer_fingerprint', 'load_sources', 'cache_key',
-           'prepared_root', 'Prepared', 'prepare_datasets']
+           'prepared_root', 'Prepared', 'deduplicate', 'prepare_datasets']
 
 # %% ../nbs/07_prepare.ipynb #d86540d6
 META = ["truncated", "eot_trained", "source", "row"]
@@ -128,7 +128,8 @@ def cache_key(cfg, tokenizer, namespace=None, raws: dict | None = None) -> str:
     import ftlab
     parts = {"version": ftlab.__version__, "format": CACHE_FORMAT, "tokenizer": tokenizer_fingerprint(tokenizer),
              "sequence_len": cfg.sequence_len, "train_on_inputs": cfg.train_on_inputs, "seed": cfg.seed, "kind": data_kind(cfg),
-             "val_set_size": cfg.val_set_size, "shuffle": cfg.shuffle_merged_datasets, "sets": []}
+             "val_set_size": cfg.val_set_size, "shuffle": cfg.shuffle_merged_datasets,
+             "dedup": bool(cfg.dataset_exact_deduplication), "sets": []}
     for group in ("datasets", "test_datasets"):
         for i, d in enumerate(getattr(cfg, group) or []):
             entry = {"group": group, "cfg": d.model_dump(mode="json", exclude_none=True),
@@ -155,6 +156,15 @@ class Prepared:
 
     def warnings(self) -> list[str]: return self.report.warnings()
 
+def deduplicate(rows: list[dict], seen: set | None = None) -> tuple[list[dict], set]:
+    "`rows` without exact repeats (same tokens, labels and fields; where a row came from aside), first kept; and the keys seen."
+    seen = set() if seen is None else seen
+    out = []
+    for ex in rows:
+        key = hashlib.sha256(json.dumps({k: v for k, v in ex.items() if k not in META}, sort_keys=True, default=str).encode()).digest()
+        if key not in seen: seen.add(key); out.append(ex)
+    return out, seen
+
 def _build(cfg, tokenizer, namespace, raws):
     import datasets
     report = MaskReport()
@@ -163,11 +173,15 @@ def _build(cfg, tokenizer, namespace, raws):
     test = [ex for i, d in enumerate(cfg.test_datasets or [])
             for ex in tokenize_dataset(d, cfg, tokenizer, namespace, None, raws["test_datasets", i])]
     keep = lambda exs: [ex for ex in exs if trains(ex)]
-    train = datasets.Dataset.from_list(keep(train))
+    train, test = keep(train), keep(test)
+    if cfg.dataset_exact_deduplication:   # axolotl's: repeats go, and evaluation rows that are also training rows
+        train, seen = deduplicate(train)
+        test, _ = deduplicate(test, set(seen))
+    train = datasets.Dataset.from_list(train)
     if len(train) == 0:
         raise DataError("no row trains any token", fix="; ".join(report.warnings()) or "check the dataset types")
     if cfg.shuffle_merged_datasets is not False: train = train.shuffle(seed=cfg.seed)
-    evalset = datasets.Dataset.from_list(keep(test)) if test else None
+    evalset = datasets.Dataset.from_list(test) if test else None
     v = cfg.val_set_size or 0
     if evalset is None and v:
         n_eval = int(v) if v >= 1 else max(1, round(v * len(train)))

@@ -6,11 +6,13 @@
 from __future__ import annotations
 
 import importlib.util
+import re
 
 from .keys import (AXOLOTL_ADAPTERS, AXOLOTL_DATASET_TYPES, AXOLOTL_OPTIMIZERS, AXOLOTL_PAIR_FORMATS,
                                AXOLOTL_SCHEDULERS, COVERED_PLUGINS, DATASET_TYPES, NEUTRAL_VALUES, RL_METHODS,
                                TRL_MISSING_KEYS, WIRED_TRACKERS)
-from .schema import Config
+from .known import MOE, MULTI_GPU, MULTIMODAL, PLUGINS, plugin_folder
+from .schema import MULTIMODAL_CLASSES, NOT_TRANSFORMERS_CLASSES, Config
 from .sections import TYPE_KEYS
 from .source import Where
 from .values import fmt, key_text, name_list
@@ -188,7 +190,7 @@ def check_ebft(cfg: Config, found: Found):
         found.note(("ebft",), f"`ebft:` only applies to {_methods_words(readers)}; ignored with method {m}")
 
 # %% ../../nbs/config/06_checks.ipynb #75dca533
-_LORA_KEYS = ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "lora_target_linear",
+_LORA_KEYS = ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "lora_target_linear", "lora_target_parameters",
               "lora_modules_to_save", "lora_fan_in_fan_out", "peft_use_dora", "peft_use_rslora", "lora_model_dir")
 
 def check_adapter(cfg: Config, found: Found):
@@ -206,6 +208,14 @@ def check_adapter(cfg: Config, found: Found):
                     f"add `adapter: {'qlora' if k == 'load_in_4bit' else 'lora'}`, or remove `{k}` for a full fine-tune", ("adapter",))
     if cfg.adapter == "lora" and cfg.load_in_4bit:
         found.note(("adapter",), "`adapter: lora` with `load_in_4bit: true` trains like QLoRA; `adapter: qlora` says so")
+    for i, rx in enumerate(cfg.unfrozen_parameters or []):
+        try: re.compile(rx)
+        except re.error as e:
+            found.error(("unfrozen_parameters", i), f"unfrozen_parameters: {rx!r} is not a regular expression ({e})",
+                        "write a Python regex over parameter names, e.g. `^lm_head.weight$` or `model.layers.2[0-9]+.mlp.*`")
+    if cfg.adapter and cfg.unfrozen_parameters:
+        found.note(("unfrozen_parameters",), f"`unfrozen_parameters` chooses the weights of a full fine-tune; with `adapter: {cfg.adapter}` "
+                   "only the adapter trains and it is ignored (`lora_modules_to_save` trains whole modules beside the adapter)", ("adapter",))
     if not cfg.adapter:
         lora = [k for k in _LORA_KEYS if _set(cfg, k) and getattr(cfg, k) not in (False, [], "")]
         if lora:
@@ -229,6 +239,13 @@ def check_precision(cfg: Config, found: Found):
                         f"keep `attn_implementation` or `{flags[0]}`, not both", (flags[0],))
     if cfg.xformers_attention:
         found.note(("xformers_attention",), "`xformers_attention` is served by PyTorch SDPA attention in ftlab (same maths)")
+    t = cfg.model_type
+    if t and cfg.auto_class is None and t not in NOT_TRANSFORMERS_CLASSES and not any(t.endswith(m) for m in MULTIMODAL_CLASSES):
+        found.error(("model_type",), f"`model_type: {t}` is neither a transformers auto class nor a model class ftlab can map to one",
+                    "use AutoModelForCausalLM (or a class such as LlamaForCausalLM), AutoModelForSequenceClassification or "
+                    "AutoModelForTokenClassification, or leave `model_type` out")
+    elif t and not t.startswith("Auto") and cfg.auto_class:
+        found.note(("model_type",), f"`model_type: {t}` loads with {cfg.auto_class}: the architecture comes from the model's own config")
     if cfg.tokenizer_type and cfg.tokenizer_type != "AutoTokenizer":
         found.note(("tokenizer_type",), f"`tokenizer_type: {cfg.tokenizer_type}` is ignored: ftlab loads tokenizers with AutoTokenizer")
 
@@ -240,6 +257,22 @@ def check_schedule(cfg: Config, found: Found):
                     "keep one: warmup_steps counts optimizer steps, warmup_ratio is a fraction of training", ("warmup_steps",))
     if _set(cfg, "max_steps") and _set(cfg, "num_epochs"):
         found.note(("max_steps",), f"max_steps: {cfg.max_steps} takes precedence over num_epochs: {fmt(cfg.num_epochs)}")
+    if cfg.batch_size is not None:
+        if _set(cfg, "gradient_accumulation_steps") and cfg.batch_size != cfg.effective_batch_size:
+            found.error(("batch_size",), f"batch_size: {cfg.batch_size} disagrees with micro_batch_size x gradient_accumulation_steps "
+                        f"({cfg.micro_batch_size} x {cfg.gradient_accumulation_steps} = {cfg.effective_batch_size})",
+                        "keep `batch_size` (it sets gradient_accumulation_steps) or `gradient_accumulation_steps`, not both",
+                        ("gradient_accumulation_steps",), ("micro_batch_size",))
+        elif cfg.batch_size != cfg.effective_batch_size:
+            found.note(("batch_size",), f"batch_size: {cfg.batch_size} is not a multiple of micro_batch_size: {cfg.micro_batch_size}; "
+                       f"each optimizer step takes {cfg.effective_batch_size} sequences ({cfg.gradient_accumulation_steps} accumulated micro-batches)")
+    cosine_keys = [k for k in ("cosine_min_lr_ratio", "cosine_constant_lr_ratio", "lr_quadratic_warmup") if getattr(cfg, k) not in (None, False)]
+    if cosine_keys and cfg.lr_scheduler != "cosine":
+        found.note((cosine_keys[0],), f"{', '.join(f'`{k}`' for k in cosine_keys)} shape the `cosine` schedule; ignored with `lr_scheduler: {cfg.lr_scheduler}`", ("lr_scheduler",))
+    elif cfg.lr_quadratic_warmup and cfg.cosine_min_lr_ratio is not None:
+        found.note(("cosine_min_lr_ratio",), "with `lr_quadratic_warmup: true` the cosine decays to 0, as in axolotl: `cosine_min_lr_ratio` is ignored", ("lr_quadratic_warmup",))
+    elif cfg.cosine_constant_lr_ratio is not None and cfg.cosine_min_lr_ratio is None:
+        found.note(("cosine_constant_lr_ratio",), "`cosine_constant_lr_ratio` holds the floor set by `cosine_min_lr_ratio`, which is not set; ignored")
     if cfg.lr_scheduler in ("cosine_with_min_lr", "cosine_warmup_with_min_lr"):
         kw = cfg.lr_scheduler_kwargs or {}
         if "min_lr" not in kw and "min_lr_rate" not in kw:
@@ -258,7 +291,7 @@ def check_schedule(cfg: Config, found: Found):
             found.error(("early_stopping_patience",), "early stopping needs evaluation data (val_set_size is 0 and no test_datasets)",
                         fix + ", or remove `early_stopping_patience`", ("val_set_size",), ("test_datasets",))
         for k in ("eval_steps", "evals_per_epoch"):
-            if getattr(cfg, k) is not None:
+            if getattr(cfg, k):
                 found.note((k,), f"`{k}` is set but there is no evaluation data (val_set_size is 0 and no test_datasets): nothing will be evaluated")
 
 # %% ../../nbs/config/06_checks.ipynb #91803250
@@ -279,6 +312,8 @@ def check_kernels(cfg: Config, found: Found):
     if cfg.liger_fused_linear_cross_entropy:
         found.note(("liger_fused_linear_cross_entropy",), "`liger_fused_linear_cross_entropy`: TRL's trainers already compute the loss "
                    "with their own chunked LM head, which never holds the full logits; Liger's is not used")
+    if cfg.cut_cross_entropy:
+        found.note(("cut_cross_entropy",), f"`cut_cross_entropy`: {COVERED_PLUGINS['cut_cross_entropy']}")
     if cfg.tiled_mlp_num_shards and not cfg.tiled_mlp:
         found.note(("tiled_mlp_num_shards",), "`tiled_mlp_num_shards` has no effect without `tiled_mlp: true`")
     if cfg.gradient_checkpointing_kwargs and not cfg.checkpointing:
@@ -292,9 +327,8 @@ def check_trackers(cfg: Config, found: Found):
         if on and name not in WIRED_TRACKERS:
             k = {"wandb": "wandb_project", "tensorboard": "use_tensorboard", "mlflow": "mlflow_tracking_uri"}[name]
             found.note((k,), f"`{k}` is set but ftlab does not report to {name} yet; metrics go to output_dir/metrics.jsonl")
-    plugins = cfg.model_extra.get("plugins")
-    for p in plugins if isinstance(plugins, list) else []:
-        if p in COVERED_PLUGINS: found.note(("plugins",), f"plugin `{p}` is not needed: {COVERED_PLUGINS[p]}")
+    for i, p in enumerate(cfg.plugins or []):
+        if plugin_folder(p) in COVERED_PLUGINS: found.note(("plugins", i), f"plugin `{p}` is not needed: {COVERED_PLUGINS[plugin_folder(p)]}")
 
 CHECKS = (check_data, check_method, check_generation, check_ebft, check_adapter, check_precision, check_schedule,
           check_kernels, check_trackers)
@@ -330,11 +364,26 @@ def check_runnable(cfg: Config, found: Found):
     for path, sec in _sections(cfg):
         for k, v in (sec.model_extra or {}).items():
             if sec.key_kind(k) != "unsupported" or not _active(k, v): continue
-            if k == "plugins":
-                v = [p for p in (v if isinstance(v, list) else [v]) if p not in COVERED_PLUGINS]
-                if v: found.error(path + (k,), f"plugins ({', '.join(map(str, v))}) are not supported yet in this version of ftlab", sec.unsupported_fix(k))
-                continue
-            found.error(path + (k,), f"`{k}` is not supported yet in this version of ftlab", sec.unsupported_fix(k))
+            topic = sec.unsupported_topic(k)
+            found.error(path + (k,), f"`{k}` is not supported yet in this version of ftlab" + (f": {topic}" if topic else ""),
+                        sec.unsupported_fix(k))
+    for i, p in enumerate(cfg.plugins or []):
+        folder = plugin_folder(p)
+        if folder in COVERED_PLUGINS: continue
+        if folder is None:
+            found.error(("plugins", i), f"plugin `{p}` is not one of axolotl's plugins; ftlab has no plugin system",
+                        "remove it from `plugins:`")
+            continue
+        what, topic = PLUGINS[folder]
+        found.error(("plugins", i), f"plugin `{p}` ({what}) is not supported yet in this version of ftlab: {topic}",
+                    "remove it from `plugins:`, or run this config with axolotl for now")
+    t = cfg.model_type
+    if t in NOT_TRANSFORMERS_CLASSES:
+        found.error(("model_type",), f"`model_type: {t}` is not supported yet in this version of ftlab: {NOT_TRANSFORMERS_CLASSES[t]}",
+                    "use a transformers model (`model_type: AutoModelForCausalLM`), or run this config with axolotl for now")
+    elif t and any(t.endswith(m) for m in MULTIMODAL_CLASSES):
+        found.error(("model_type",), f"`model_type: {t}` is not supported yet in this version of ftlab: {MULTIMODAL}",
+                    "train the text-only model with `model_type: AutoModelForCausalLM` where there is one, or run this config with axolotl for now")
     if cfg.trl is not None:
         for k in sorted(set(cfg.trl.model_fields_set) & set(TRL_MISSING_KEYS)):
             if _active(k, getattr(cfg.trl, k)):

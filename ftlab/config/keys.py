@@ -10,12 +10,14 @@ from typing import Any
 from ..strategies import TYPE_NAMES   # plain stdlib modules: no heavy imports
 import ftlab.preference_data              # importing it registers the pair, unpaired and stepwise formats
 import ftlab.prompt_data                  # ... and this the prompt formats of online RL
+from .known import (DATASET_MORE_IGNORED, DATASET_MORE_UNSUPPORTED, MORE_IGNORED, MORE_NEUTRAL_VALUES,
+                                 MORE_UNSUPPORTED, UNSUPPORTED_TOPIC_PREFIXES, UNSUPPORTED_TOPICS)
 
 # %% auto #0
 __all__ = ['RL_METHODS', 'DATASET_TYPES', 'WIRED_TRACKERS', 'OPTIMIZERS', 'LR_SCHEDULERS', 'AXOLOTL_OPTIMIZERS',
            'AXOLOTL_SCHEDULERS', 'AXOLOTL_ADAPTERS', 'TRL_MISSING_KEYS', 'AXOLOTL_PAIR_FORMATS',
            'AXOLOTL_DATASET_TYPES', 'IGNORED_KEYS', 'IGNORED_PREFIXES', 'UNSUPPORTED_KEYS', 'UNSUPPORTED_PREFIXES',
-           'NEUTRAL_VALUES', 'COVERED_PLUGINS', 'DATASET_IGNORED_KEYS', 'DATASET_UNSUPPORTED_KEYS']
+           'NEUTRAL_VALUES', 'COVERED_PLUGINS', 'ALIASES', 'DATASET_IGNORED_KEYS', 'DATASET_UNSUPPORTED_KEYS']
 
 # %% ../../nbs/config/01_keys.ipynb #e599b637
 RL_METHODS = {"dpo", "ipo", "kto", "orpo", "simpo", "grpo", "gdpo", "ebft"}   # every `rl:` value axolotl takes
@@ -84,8 +86,8 @@ IGNORED_KEYS: dict[str, str] = {
     "hf_use_auth_token": "your Hugging Face login (HF_TOKEN) is used when needed",
     "save_safetensors": "ftlab always saves safetensors",
     "tokenizer_use_fast": "ftlab loads the fast tokenizer", "tokenizer_legacy": "ftlab loads the fast tokenizer",
-    "ddp_timeout": "multi-GPU setting", "ddp_bucket_cap_mb": "multi-GPU setting",
-    "ddp_broadcast_buffers": "multi-GPU setting", "ddp_find_unused_parameters": "multi-GPU setting",
+    **{k: "it tunes training across several processes; this version trains in one"
+       for k in ("ddp_timeout", "ddp_bucket_cap_mb", "ddp_broadcast_buffers", "ddp_find_unused_parameters")},
     "dataloader_num_workers": "ftlab chooses the data-loader settings",
     "dataloader_pin_memory": "ftlab chooses the data-loader settings",
     "dataloader_prefetch_factor": "ftlab chooses the data-loader settings",
@@ -100,7 +102,6 @@ IGNORED_KEYS: dict[str, str] = {
     "flash_attn_fuse_qkv": "fused flash-attn extras are not used",
     "flash_attn_fuse_mlp": "fused flash-attn extras are not used",
     "use_kernels": "ftlab picks its kernels with `lora_*_kernel` and `liger_*`",
-    "use_scattermoe": "ftlab picks its kernels with `lora_*_kernel` and `liger_*`",
     "experts_implementation": "ftlab picks its kernels with `lora_*_kernel` and `liger_*`",
     "skip_prepare_dataset": "each method prepares its data itself",
     "remove_unused_columns": "each method keeps the columns it needs",
@@ -118,38 +119,26 @@ IGNORED_KEYS: dict[str, str] = {
     "gc_steps": "not used", "save_only_model": "checkpoints are chosen by ftlab", "eval_accumulation_steps": "not used",
     "torchdistx_path": "not used", "tokenizer_save_jinja_files": "not used", "model_config_type": "read from the model",
     "qlora_sharded_model_loading": "loading is chosen by ftlab", "dataset_num_proc": "see `dataset_processes`",
+
+    **MORE_IGNORED,
 }
 IGNORED_PREFIXES: dict[str, str] = {
     "unsloth_": "ftlab uses its own kernels (`lora_*_kernel`)",
     "comet_": "Comet is not wired as a tracker", "swanlab_": "SwanLab is not wired as a tracker",
 }
-_ONE_DEVICE = "remove it: this version of ftlab trains on one device (multi-GPU through Accelerate comes later)"
+_ONE_DEVICE = MORE_UNSUPPORTED["deepspeed"]
 UNSUPPORTED_KEYS: dict[str, str] = {
-    "deepspeed": _ONE_DEVICE, "fsdp": _ONE_DEVICE, "fsdp_config": _ONE_DEVICE, "fsdp_version": _ONE_DEVICE,
-    "sequence_parallel_degree": _ONE_DEVICE, "context_parallel_size": _ONE_DEVICE,
-    "tensor_parallel_size": _ONE_DEVICE, "dp_shard_size": _ONE_DEVICE, "ring_attn_func": _ONE_DEVICE,
-    "heads_k_stride": _ONE_DEVICE, "use_ray": _ONE_DEVICE, "ray_num_workers": _ONE_DEVICE,
-    "plugins": "remove `plugins`: ftlab has no plugin system",
+    **MORE_UNSUPPORTED,   # the features left out (several GPUs, multimodal, MoE kernels) and the rest of axolotl's keys
     "pretraining_dataset": "use `datasets:` with `type: completion` for raw text",
     "gptq": "use `load_in_4bit: true` (bitsandbytes) instead of a GPTQ model",
-    "unfrozen_parameters": "remove it: train every weight (no `adapter`) or a LoRA adapter",
     "neftune_noise_alpha": "remove it (embedding noise is not built yet)",
-    "lora_target_parameters": "remove it: target modules with `lora_target_modules` / `lora_target_linear`",
     "lora_target_linear_modules": "use `lora_target_modules` (names or a regex) instead",
     "loraplus_lr_ratio": "remove it (LoRA+ is not built yet)", "loraplus_lr_embedding": "remove it (LoRA+ is not built yet)",
-    "cosine_min_lr_ratio": "use `lr_scheduler: cosine_with_min_lr` with `lr_scheduler_kwargs: {min_lr_rate: 0.1}`",
-    "cosine_constant_lr_ratio": "remove it, or use `lr_scheduler: warmup_stable_decay`",
-    "lr_quadratic_warmup": "remove it (warmup is linear)", "lr_div_factor": "remove it (only for `one_cycle`)",
+    "lr_div_factor": "remove it (only for `one_cycle`)",
     "lr_groups": "remove it (one learning rate for all trained weights)",
-    "batch_size": "use `micro_batch_size` and `gradient_accumulation_steps` (their product is the batch size)",
     "overrides_of_model_config": "remove it (model config overrides are not built yet)",
     "rope_scaling": "remove it (model config overrides are not built yet)",
-
-    "use_cut_cross_entropy": "remove it (ftlab computes the standard cross-entropy)",
-    "cut_cross_entropy": "remove it (ftlab computes the standard cross-entropy)",
-    "quantize_moe_experts": "remove it (quantized MoE experts are not built yet)",
-    "fix_untrained_tokens": "remove it", "dataset_exact_deduplication": "deduplicate the data before training",
-    "processor_type": "multimodal models are not supported yet",
+    "fix_untrained_tokens": "remove it",
     "curriculum_sampling": "remove it (data order is shuffled, or kept with `shuffle_merged_datasets: false`)",
     "peft_layers_to_transform": "remove it, and choose modules with `lora_target_modules`",
     "auto_find_batch_size": "set `micro_batch_size` yourself", "max_packed_sequence_len": "use `sequence_len` with `sample_packing: true`",
@@ -158,17 +147,23 @@ UNSUPPORTED_PREFIXES: dict[str, str] = {
     "relora": "remove the `relora*` keys (ReLoRA is not built yet)",
     "lisa_": "remove the `lisa_*` keys (LISA is not built yet)",
     "fsdp_": _ONE_DEVICE, "gptq_": "use `load_in_4bit: true` instead of a GPTQ model",
-    "nemo_gym_": "remove the `nemo_gym_*` keys (NeMo Gym environments are not wired)",
-    "kd_": "remove the `kd_*` keys (knowledge distillation is not built yet)",
 }
 NEUTRAL_VALUES: dict[str, Any] = {"sequence_parallel_degree": 1, "context_parallel_size": 1,
-                                  "tensor_parallel_size": 1, "dp_shard_size": 1, "neftune_noise_alpha": 0}
-# plugins whose options ftlab reads itself: listing them is harmless
-COVERED_PLUGINS = {"axolotl.integrations.liger.LigerPlugin": "ftlab reads the `liger_*` flags itself"}
+                                  "tensor_parallel_size": 1, "dp_shard_size": 1, "neftune_noise_alpha": 0,
+                                  **MORE_NEUTRAL_VALUES}
+# plugins (by folder) whose work ftlab does itself: listing them is harmless, and the note says how
+COVERED_PLUGINS = {"liger": "ftlab reads the `liger_*` flags itself",
+                   "cut_cross_entropy": "TRL's trainers compute the loss with their own chunked LM head, which never "
+                                        "holds the full logits either; the cut-cross-entropy package is not used"}
+# axolotl's other names of keys (pydantic aliases and deprecated spellings it still reads) -> ftlab's name
+ALIASES = {"type_of_model": "model_type", "model_revision": "revision_of_model", "dpo_beta": "rl_beta",
+           "evaluation_strategy": "eval_strategy", "noisy_embedding_alpha": "neftune_noise_alpha",
+           "model_config": "overrides_of_model_config", "model_kwargs": "overrides_of_model_kwargs"}
 
-DATASET_IGNORED_KEYS = {"preprocess_shards": "the data layer decides", "input_format": "not used"}
+DATASET_IGNORED_KEYS = {"preprocess_shards": "the data layer decides", "input_format": "not used", **DATASET_MORE_IGNORED}
 DATASET_UNSUPPORTED_KEYS = {
     "conversation": "use `type: chat_template` with a `chat_template` name instead of a fastchat conversation",
     "field_human": "use `message_property_mappings` and `roles` instead",
     "field_model": "use `message_property_mappings` and `roles` instead",
+    **DATASET_MORE_UNSUPPORTED,
 }

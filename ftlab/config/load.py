@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 
 from .checks import Found, check_runnable, cross_check
@@ -13,16 +14,56 @@ from .schema import Config
 from .sections import DatasetConfig
 from .source import Where, apply_override, looks_like_path, parse_overrides, parse_yaml, read_file
 from .translate import validate
-from .values import close_match, key_text, value_text
+from .values import key_text, value_text
 from ..errors import ConfigError, Problem
 
 # %% auto #0
-__all__ = ['counts_not_flags', 'load_config', 'check_supported']
+__all__ = ['OTHER_NAMES', 'near_spelling', 'counts_not_flags', 'load_config', 'check_supported']
 
 # %% ../../nbs/config/07_load.ipynb #134dffd2
+def _distance(a: str, b: str) -> int:
+    "Edits (insert, delete, replace, swap two neighbours) that turn `a` into `b`."
+    prev2, prev = None, list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        cur = [i]
+        for j, cb in enumerate(b, 1):
+            d = min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ca != cb))
+            if i > 1 and j > 1 and ca == b[j - 2] and a[i - 2] == cb: d = min(d, prev2[j - 2] + 1)
+            cur.append(d)
+        prev2, prev = prev, cur
+    return prev[-1]
+
+def near_spelling(word, candidates) -> str | None:
+    """The candidate `word` is a misspelling of, or None: the same letters up to case and `_` / `-`, or one edit away
+    (two for long names), with the same numbers, or the start of exactly one name. A name that is merely similar
+    (`peft` and `ebft`) is no match."""
+    if not isinstance(word, str) or len(word) < 3: return None
+    norm = lambda s: re.sub(r"[_-]", "", s.lower())
+    digits = re.findall(r"\d+", word)
+    best = None
+    for c in (c for c in candidates if isinstance(c, str)):
+        if norm(c) == norm(word): return c
+        if re.findall(r"\d+", c) != digits: continue
+        d = _distance(word.lower(), c.lower())
+        if d <= (2 if len(word) >= 12 else 1) and (best is None or d < best[0]): best = (d, c)
+    if best: return best[1]
+    longer = [c for c in candidates if isinstance(c, str) and c.lower().startswith(word.lower())] if len(word) >= 6 else []
+    return longer[0] if len(longer) == 1 else None   # an abbreviation of exactly one name: `gpu_memory`
+
+# names other tools use for an axolotl key, and what to write instead
+OTHER_NAMES = {
+    "torch_dtype": ("`torch_dtype` is transformers' argument, not a config key", "write `bf16: true` (or `fp16: true`, or `bf16: false` for float32)"),
+    "adam_eps": ("axolotl spells it `adam_epsilon`", "rename it to `adam_epsilon`"),
+    "full_finetune": ("a full fine-tune is what runs when `adapter` is left out", "remove it (and any `adapter:` line)"),
+    "eta_min": ("the floor of a cosine schedule is `cosine_min_lr_ratio` (a fraction of learning_rate)", "write `cosine_min_lr_ratio: 0.1`, or `lr_scheduler_kwargs: {min_lr: ...}` with `lr_scheduler: cosine_with_min_lr`"),
+}
+
 def _suggest(key, cls, path) -> tuple[str, str]:
     "(what to add to the message, the fix) for an unknown key."
-    near = close_match(key, cls.known_keys())
+    if key in OTHER_NAMES and cls is Config: return f" — {OTHER_NAMES[key][0]}", OTHER_NAMES[key][1]
+    if cls is not Config and (key in Config.model_fields or Config.key_kind(key)):
+        return f" — `{key}` is a top-level key", f"move it out of `{key_text(path)}` to the top level"
+    near = near_spelling(key, cls.known_keys())
     if near: return f" — did you mean `{near}`?", f"rename it to `{near}`"
     if cls is Config:
         for name, sub in Config.SECTIONS.items():
@@ -30,10 +71,8 @@ def _suggest(key, cls, path) -> tuple[str, str]:
         if key in DatasetConfig.model_fields:
             return " — it is a per-dataset key", "move it into each entry of `datasets:`"
         for name, sub in Config.SECTIONS.items():
-            n2 = close_match(key, list(sub.model_fields))
+            n2 = near_spelling(key, list(sub.model_fields))
             if n2: return f" — did you mean `{name}.{n2}`?", f"write it as `{n2}` under `{name}:`"
-    elif key in Config.model_fields or Config.key_kind(key):
-        return f" — `{key}` is a top-level key", f"move it out of `{key_text(path)}` to the top level"
     return "", "remove it, or check the spelling against the config reference"
 
 def _check_keys(data: dict, cls, path: tuple, where: Where, problems: list, notes: list) -> dict:
@@ -45,6 +84,16 @@ def _check_keys(data: dict, cls, path: tuple, where: Where, problems: list, note
             continue
         if value is None: continue        # an empty value means "not set"
         kind = cls.key_kind(key)
+        if kind == "alias":
+            target = cls.ALIASES[key]
+            if data.get(target) is not None:
+                problems.append(where.problem(kp, f"`{key_text(kp)}` is axolotl's other name of `{target}`, which is set too",
+                                              fix=f"keep `{target}` only"))
+                continue
+            notes.append((kp, f"`{key_text(kp)}` is axolotl's other name of `{target}`; read as `{target}`"))
+            for p in [p for p in where.lines if p[:len(kp)] == kp]: where.lines[path + (target,) + p[len(kp):]] = where.lines[p]
+            key, kp = target, path + (target,)
+            kind = cls.key_kind(key)
         if kind == "field" and isinstance(value, bool) and counts_not_flags(cls, key):
             problems.append(where.problem(kp, f"`{key_text(kp)}` is a number, not true/false",
                                           fix=f"write a number, e.g. `{key}: {cls.model_fields[key].default or 1}`"))

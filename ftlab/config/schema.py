@@ -5,20 +5,23 @@
 # %% ../../nbs/config/03_schema.ipynb #8e6de235
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
 from pydantic import BeforeValidator, Field, PrivateAttr, model_validator
 
-from .keys import (AXOLOTL_ADAPTERS, AXOLOTL_OPTIMIZERS, AXOLOTL_SCHEDULERS, IGNORED_KEYS, IGNORED_PREFIXES,
-                               LR_SCHEDULERS, OPTIMIZERS, RL_METHODS, UNSUPPORTED_KEYS, UNSUPPORTED_PREFIXES)
+from .keys import (ALIASES, AXOLOTL_ADAPTERS, AXOLOTL_OPTIMIZERS, AXOLOTL_SCHEDULERS, IGNORED_KEYS,
+                               IGNORED_PREFIXES, LR_SCHEDULERS, OPTIMIZERS, RL_METHODS, UNSUPPORTED_KEYS,
+                               UNSUPPORTED_PREFIXES, UNSUPPORTED_TOPIC_PREFIXES, UNSUPPORTED_TOPICS)
 from .sections import F, DatasetConfig, EBFTConfig, Section, SpecialTokens, TRLConfig, VLLMConfig
 from .values import (BoolOrAuto, Choice, GradientCheckpointing, PositiveNumber, ResumeFrom, TargetModules,
                                  TextOrBool, ValSetSize, bad_value, close_match, name_check, name_list, value_text)
 
 # %% auto #0
-__all__ = ['AdapterName', 'OptimizerName', 'SchedulerName', 'MethodName', 'ModelKeys', 'AdapterKeys', 'DataKeys', 'TrainingKeys',
+__all__ = ['AdapterName', 'OptimizerName', 'SchedulerName', 'MethodName', 'MODEL_CLASS_TASKS', 'MULTIMODAL_CLASSES',
+           'NOT_TRANSFORMERS_CLASSES', 'ModelType', 'ModelKeys', 'AdapterKeys', 'DataKeys', 'TrainingKeys',
            'TrackerKeys', 'KernelKeys', 'MethodKeys', 'Config']
 
 # %% ../../nbs/config/03_schema.ipynb #a84e91c6
@@ -40,6 +43,24 @@ def _rl(v, info):
 
 MethodName = Annotated[str | None, BeforeValidator(_rl)]
 
+# a model class name -> the auto class that loads a checkpoint for the same task (`LlamaForCausalLM` -> AutoModelForCausalLM)
+MODEL_CLASS_TASKS = {"ForCausalLM": "AutoModelForCausalLM", "LMHeadModel": "AutoModelForCausalLM",
+                     "ForSequenceClassification": "AutoModelForSequenceClassification",
+                     "ForTokenClassification": "AutoModelForTokenClassification"}
+# classes of models that are not text-only decoders: refused by the support check (multimodal, encoder-decoder)
+MULTIMODAL_CLASSES = ("ForConditionalGeneration", "AutoModelForImageTextToText", "AutoModelForVision2Seq",
+                      "AutoModelForSeq2SeqLM", "AutoModelForSpeechSeq2Seq", "AutoModelForMultimodalLM")
+NOT_TRANSFORMERS_CLASSES = {"MambaLMHeadModel": "mamba-ssm's own model class"}
+
+def _model_type(v, info):
+    if v is None: return v
+    if not isinstance(v, str) or not re.fullmatch(r"[A-Z][A-Za-z0-9_]*", v):
+        raise bad_value(f"model_type must be a transformers class name such as AutoModelForCausalLM or LlamaForCausalLM; got {value_text(v)}",
+                        "write `model_type: AutoModelForCausalLM`, or leave it out (the method picks the class)")
+    return v
+
+ModelType = Annotated[str | None, BeforeValidator(_model_type)]
+
 # %% ../../nbs/config/03_schema.ipynb #baf2158a
 class ModelKeys(Section):
     "The model: where it comes from, its precision and its attention implementation."
@@ -47,7 +68,7 @@ class ModelKeys(Section):
     base_model_config: str | None = F(None, "where to read the model config from, if not base_model")
     revision_of_model: str | None = F(None, "Hub revision of the model")
     tokenizer_config: str | None = F(None, "where to read the tokenizer from, if not base_model")
-    model_type: str | None = F(None, "transformers auto class, e.g. AutoModelForCausalLM")
+    model_type: ModelType = F(None, "transformers class to load with: an auto class (AutoModelForCausalLM) or a model class (LlamaForCausalLM: loads as the auto class of its task)")
     tokenizer_type: str | None = F(None, "tokenizer class (ftlab uses AutoTokenizer)")
     trust_remote_code: bool = F(False, "run code shipped with the model (off unless asked for)")
     num_labels: int | None = F(None, "output labels, for reward models", gt=0)
@@ -58,7 +79,16 @@ class ModelKeys(Section):
     sdp_attention: bool | None = F(None, "use PyTorch scaled-dot-product attention")
     xformers_attention: bool | None = F(None, "xformers attention (ftlab uses SDPA instead)")
     flex_attention: bool | None = F(None, "use PyTorch flex attention")
+    eager_attention: bool | None = F(None, "use transformers' eager (plain PyTorch) attention")
     attn_implementation: str | None = F(None, "transformers attention implementation, e.g. sdpa, eager, flash_attention_2")
+
+    @property
+    def auto_class(self) -> str | None:
+        "The transformers auto class `model_type` asks for (a model class name maps to its task's), or None."
+        t = self.model_type
+        if not t or t in NOT_TRANSFORMERS_CLASSES or any(t.endswith(m) or t == m for m in MULTIMODAL_CLASSES): return None
+        if t.startswith("Auto"): return t
+        return next((auto for suffix, auto in MODEL_CLASS_TASKS.items() if t.endswith(suffix)), None)
 
     @property
     def attention_implementation(self) -> str | None:
@@ -67,6 +97,7 @@ class ModelKeys(Section):
         if self.flash_attention: return "flash_attention_2"
         if self.flex_attention: return "flex_attention"
         if self.sdp_attention or self.xformers_attention: return "sdpa"
+        if self.eager_attention: return "eager"
         return None
 
     def resolved_dtype(self, cuda_available: bool, bf16_supported: bool) -> str:
@@ -90,6 +121,7 @@ class AdapterKeys(Section):
     lora_dropout: float = F(0.0, "dropout on the LoRA input", ge=0, le=1)
     lora_target_modules: TargetModules | None = F(None, "module names (or one regex) that get adapters")
     lora_target_linear: bool | None = F(None, "put adapters on every linear layer")
+    lora_target_parameters: list[str] | None = F(None, "parameters (not modules) that get adapters, e.g. MoE expert weights `mlp.experts.gate_up_proj` (PEFT's target_parameters)")
     lora_modules_to_save: list[str] | None = F(None, "modules trained in full and saved with the adapter (e.g. embed_tokens, lm_head)")
     lora_fan_in_fan_out: bool | None = F(None, "weights stored as (fan_in, fan_out), e.g. GPT-2")
     peft_use_dora: bool | None = F(None, "DoRA: weight-decomposed LoRA")
@@ -122,6 +154,7 @@ class DataKeys(Section):
     dataset_prepared_path: str | None = F(None, "folder to cache the tokenized data in")
     dataset_processes: int | None = F(None, "processes used to tokenize", gt=0)
     shuffle_merged_datasets: bool = F(True, "shuffle after merging all datasets")
+    dataset_exact_deduplication: bool | None = F(None, "drop rows that are exact repeats (after tokenizing), and evaluation rows that are also training rows")
     sequence_len: int = F(2048, "longest training sequence in tokens", gt=0)
     sample_packing: bool = F(False, "pack several samples into each sequence")
     eval_sample_packing: bool | None = F(None, "pack evaluation samples too")
@@ -145,6 +178,7 @@ class TrainingKeys(Section):
     micro_batch_size: int = F(1, "sequences per device per forward pass", gt=0)
     eval_batch_size: int | None = F(None, "sequences per evaluation batch (default micro_batch_size)", gt=0)
     gradient_accumulation_steps: int = F(1, "micro-batches per optimizer step", gt=0)
+    batch_size: int | None = F(None, "sequences per optimizer step: sets gradient_accumulation_steps to batch_size / micro_batch_size", gt=0)
     num_epochs: PositiveNumber = F(1, "passes over the training data")
     max_steps: int | None = F(None, "stop after this many optimizer steps (wins over num_epochs)", gt=0)
     learning_rate: float = F(2e-4, "peak learning rate", gt=0)
@@ -152,6 +186,9 @@ class TrainingKeys(Section):
     lr_scheduler_kwargs: dict[str, Any] | None = F(None, "extra scheduler arguments, e.g. `{min_lr_rate: 0.1}`")
     warmup_steps: int | None = F(None, "linear warmup steps", ge=0)
     warmup_ratio: float | None = F(None, "linear warmup as a fraction of training", ge=0, le=1)
+    lr_quadratic_warmup: bool | None = F(None, "cosine schedule: warm up along a quadratic instead of a line")
+    cosine_min_lr_ratio: float | None = F(None, "cosine schedule: decay to this fraction of learning_rate instead of 0", ge=0, le=1)
+    cosine_constant_lr_ratio: float | None = F(None, "cosine schedule with cosine_min_lr_ratio: reach the floor at this fraction of training and hold it", ge=0, le=1)
     optimizer: OptimizerName = F("adamw_torch", "optimizer (a transformers OptimizerNames value)", json_schema_extra={"enum": list(OPTIMIZERS)})
     weight_decay: float = F(0.0, "decoupled weight decay", ge=0)
     adam_beta1: float | None = F(None, "Adam beta1", ge=0, lt=1)
@@ -166,7 +203,7 @@ class TrainingKeys(Section):
     logging_steps: int = F(1, "log every N optimizer steps", gt=0)
     eval_strategy: Choice("no", "steps", "epoch") | None = F(None, "when to evaluate (default: from eval_steps / evals_per_epoch)")
     eval_steps: PositiveNumber | None = F(None, "evaluate every N steps (a float below 1 = fraction of training)")
-    evals_per_epoch: int | None = F(None, "evaluations per epoch", gt=0)
+    evals_per_epoch: int | None = F(None, "evaluations per epoch (0 = none)", ge=0)
     save_strategy: Choice("no", "steps", "epoch", "best") | None = F(None, "when to save checkpoints")
     save_steps: PositiveNumber | None = F(None, "save every N steps (a float below 1 = fraction of training)")
     saves_per_epoch: int | None = F(None, "checkpoints per epoch", gt=0)
@@ -180,6 +217,14 @@ class TrainingKeys(Section):
     group_by_length: bool | None = F(None, "batch samples of similar length together")
     torch_compile: BoolOrAuto | None = F(None, "compile the model with torch.compile")
     torch_compile_backend: str | None = F(None, "torch.compile backend")
+    unfrozen_parameters: list[str] | None = F(None, "full fine-tuning: regexes of the parameter names to train (the others stay frozen)")
+
+    @model_validator(mode="after")
+    def _batch_size(self):
+        # axolotl's `batch_size` is the batch per optimizer step: it sets the accumulation when that is not written
+        if self.batch_size is not None and "gradient_accumulation_steps" not in self.model_fields_set:
+            self.__dict__["gradient_accumulation_steps"] = max(1, self.batch_size // self.micro_batch_size)
+        return self
 
     @property
     def effective_batch_size(self) -> int:
@@ -226,6 +271,8 @@ class KernelKeys(Section):
     liger_glu_activation: bool | None = F(None, "Liger SwiGLU / GeGLU kernel")
     liger_cross_entropy: bool | None = F(None, "Liger cross-entropy kernel")
     liger_fused_linear_cross_entropy: bool | None = F(None, "Liger fused lm_head + cross-entropy (saves logits memory)")
+    cut_cross_entropy: bool | None = F(None, "Cut Cross Entropy: the loss without the full logits in memory (TRL's chunked LM head does this)")
+    plugins: list[str] | None = F(None, "axolotl plugins: Liger's and Cut Cross Entropy's work is done by ftlab; others are not supported yet")
 
 
 class MethodKeys(Section):
@@ -266,6 +313,9 @@ class Config(MethodKeys, KernelKeys, TrackerKeys, TrainingKeys, DataKeys, Adapte
     IGNORED_PREFIXES = IGNORED_PREFIXES
     UNSUPPORTED = UNSUPPORTED_KEYS
     UNSUPPORTED_PREFIXES = UNSUPPORTED_PREFIXES
+    TOPICS = UNSUPPORTED_TOPICS
+    TOPIC_PREFIXES = UNSUPPORTED_TOPIC_PREFIXES
+    ALIASES = ALIASES
     SECTIONS = {"trl": TRLConfig, "ebft": EBFTConfig, "vllm": VLLMConfig, "special_tokens": SpecialTokens}
     LIST_SECTIONS = {"datasets": DatasetConfig, "test_datasets": DatasetConfig}
     # the groups of top-level keys, by name, in the order a form shows them

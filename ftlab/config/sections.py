@@ -31,14 +31,18 @@ class Section(BaseModel):
     IGNORED_PREFIXES: ClassVar[dict[str, str]] = {}
     UNSUPPORTED: ClassVar[dict[str, str]] = {}
     UNSUPPORTED_PREFIXES: ClassVar[dict[str, str]] = {}
+    TOPICS: ClassVar[dict[str, str]] = {}           # unsupported key -> the feature it belongs to ("multi-GPU keys")
+    TOPIC_PREFIXES: ClassVar[dict[str, str]] = {}
+    ALIASES: ClassVar[dict[str, str]] = {}          # axolotl's other name of a key -> the name used here
     SECTIONS: ClassVar[dict[str, type]] = {}        # key -> section class (a mapping)
     LIST_SECTIONS: ClassVar[dict[str, type]] = {}   # key -> section class (a list of mappings)
 
     @classmethod
     def key_kind(cls, key) -> str | None:
-        "'field', 'ignored', 'unsupported' or None (unknown)."
+        "'field', 'alias' (another name of a key), 'ignored', 'unsupported' or None (unknown)."
         if key in cls.model_fields: return "field"
         if not isinstance(key, str): return None
+        if key in cls.ALIASES: return "alias"
         if key in cls.IGNORED or any(key.startswith(p) for p in cls.IGNORED_PREFIXES): return "ignored"
         if key in cls.UNSUPPORTED or any(key.startswith(p) for p in cls.UNSUPPORTED_PREFIXES): return "unsupported"
         return None
@@ -51,10 +55,12 @@ class Section(BaseModel):
     def ignored_reason(cls, key) -> str: return cls._lookup(cls.IGNORED, cls.IGNORED_PREFIXES, key)
     @classmethod
     def unsupported_fix(cls, key) -> str: return cls._lookup(cls.UNSUPPORTED, cls.UNSUPPORTED_PREFIXES, key)
+    @classmethod
+    def unsupported_topic(cls, key) -> str: return cls._lookup(cls.TOPICS, cls.TOPIC_PREFIXES, key)
 
     @classmethod
     def known_keys(cls) -> list[str]:
-        return list(cls.model_fields) + list(cls.IGNORED) + list(cls.UNSUPPORTED)
+        return list(cls.model_fields) + list(cls.ALIASES) + list(cls.IGNORED) + list(cls.UNSUPPORTED)
 
     @model_validator(mode="after")
     def _no_unknown_extras(self):

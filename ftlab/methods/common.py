@@ -9,8 +9,8 @@ from .registry import Panel
 
 # %% auto #0
 __all__ = ['LIGER_FLAGS', 'LOSS_PANEL', 'GRAD_NORM_PANEL', 'steps_per_epoch', 'training_args', 'liger_kernel_config',
-           'checkpointing_args', 'trackers', 'trainer_args', 'select', 'peft_config', 'frozen_copy_needed',
-           'frozen_reference', 'make_trainer']
+           'liger_note', 'checkpointing_args', 'trackers', 'schedule_args', 'lr_lambda', 'trainer_args', 'select',
+           'peft_config', 'frozen_copy_needed', 'frozen_reference', 'make_trainer']
 
 # %% ../../nbs/methods/01_common.ipynb #83f1cd2d
 def steps_per_epoch(cfg, n_rows: int, processes: int | None = None) -> int:
@@ -25,6 +25,7 @@ def training_args(cfg, n_train: int, has_eval: bool) -> dict:
     dev, dtype = device_info(), training_dtype(cfg)
     spe = steps_per_epoch(cfg, n_train)
     eval_steps = cfg.eval_steps or (max(1, spe // cfg.evals_per_epoch) if cfg.evals_per_epoch else None)
+    if cfg.evals_per_epoch == 0 and not cfg.eval_steps: has_eval = False   # axolotl's `evals_per_epoch: 0`: no evaluation
     save_steps = cfg.save_steps or (max(1, spe // cfg.saves_per_epoch) if cfg.saves_per_epoch else None)
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else (cfg.warmup_ratio or 0)
     kw = dict(
@@ -33,8 +34,7 @@ def training_args(cfg, n_train: int, has_eval: bool) -> dict:
         per_device_eval_batch_size=cfg.eval_batch_size or cfg.micro_batch_size,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         num_train_epochs=cfg.num_epochs, max_steps=cfg.max_steps or -1,
-        learning_rate=cfg.learning_rate, lr_scheduler_type=cfg.lr_scheduler or "cosine",
-        lr_scheduler_kwargs=cfg.lr_scheduler_kwargs or {}, warmup_steps=warmup,
+        learning_rate=cfg.learning_rate, **schedule_args(cfg), warmup_steps=warmup,
         optim=cfg.optimizer or ("adamw_torch_fused" if dev["cuda"] else "adamw_torch"),
         weight_decay=cfg.weight_decay or 0.0, max_grad_norm=cfg.max_grad_norm if cfg.max_grad_norm is not None else 1.0,
         **checkpointing_args(cfg.checkpointing,
@@ -52,7 +52,8 @@ def training_args(cfg, n_train: int, has_eval: bool) -> dict:
     for k in ("adam_beta1", "adam_beta2", "adam_epsilon"):
         if getattr(cfg, k, None) is not None: kw[k] = getattr(cfg, k)
     liger = liger_kernel_config(cfg)
-    if liger is not None: kw.update(use_liger_kernel=True, liger_kernel_config=liger)
+    if liger is not None and dev["cuda"]:   # Liger's kernels are Triton GPU kernels: off on a CPU (`liger_note` says so)
+        kw.update(use_liger_kernel=True, liger_kernel_config=liger)
     if dev["cuda"] and cfg.tf32 is not None and cfg.tf32 != "auto": kw["tf32"] = bool(cfg.tf32)
     return kw
 
@@ -72,6 +73,12 @@ def liger_kernel_config(cfg) -> dict | None:
     conf = {name: bool(flags.get(k)) for k in LIGER_FLAGS for name in LIGER_FLAGS[k]} if flags else {}
     return {**conf, "fused_linear_cross_entropy": False}
 
+def liger_note(cfg) -> str | None:
+    "Say so when the config asks for Liger's kernels and this machine has no CUDA GPU to run them."
+    from ftlab.model import device_info
+    if liger_kernel_config(cfg) is None or device_info()["cuda"]: return None
+    return "Liger's kernels (`use_liger_kernel` / `liger_*`) need a CUDA GPU: on this machine the model's own layers run"
+
 def checkpointing_args(on: bool, kwargs: dict | None) -> dict:
     "Activation checkpointing under the name this transformers knows (renamed from gradient_* in 5.18)."
     import dataclasses
@@ -87,6 +94,31 @@ def trackers(cfg) -> list[str]:
     if cfg.use_tensorboard: out.append("tensorboard")
     if getattr(cfg, "mlflow_tracking_uri", None): out.append("mlflow")
     return out or ["none"]
+
+# %% ../../nbs/methods/01_common.ipynb #a76b4183
+def schedule_args(cfg) -> dict:
+    "The scheduler's name and arguments for the training arguments (axolotl's cosine floor as transformers' `cosine_with_min_lr`)."
+    kind, kw = cfg.lr_scheduler or "cosine", dict(cfg.lr_scheduler_kwargs or {})
+    if kind == "cosine" and cfg.cosine_min_lr_ratio is not None and lr_lambda(cfg) is None:
+        kind, kw = "cosine_with_min_lr", {**kw, "min_lr_rate": cfg.cosine_min_lr_ratio}
+    return dict(lr_scheduler_type=kind, lr_scheduler_kwargs=kw)
+
+def lr_lambda(cfg):
+    """`f(step, warmup, total) -> factor of the learning rate` for axolotl's cosine variants transformers lacks (quadratic
+    warmup; a floor reached at `cosine_constant_lr_ratio` of training and held), else None. As in axolotl, quadratic
+    warmup wins over the floor."""
+    if (cfg.lr_scheduler or "cosine") != "cosine": return None
+    def cos(progress, floor=0.0): return floor + (1 - floor) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    if cfg.lr_quadratic_warmup:
+        return lambda s, w, n: (s / max(1, w)) ** 2 if s < w else max(0.0, cos((s - w) / max(1, n - w)))
+    r, c = cfg.cosine_min_lr_ratio, cfg.cosine_constant_lr_ratio
+    if r is not None and c is not None:
+        def f(s, w, n):
+            if s < w: return s / max(1, w)
+            hold = int(n * c)
+            return cos((min(s, hold) - w) / max(1, hold - w), r)
+        return f
+    return None
 
 # %% ../../nbs/methods/01_common.ipynb #268ecbb8
 def trainer_args(cfg, train, evalset, **method_kw) -> dict:
@@ -119,8 +151,19 @@ def frozen_reference(cfg, method, model):
 
 def make_trainer(trainer_cls, cfg, method, model, tokenizer, args, train, evalset, callbacks=(), peft: bool = True, **kw):
     "A trainer of `trainer_cls` on ftlab's prepared splits (`peft=False`: the model has its adapter already)."
-    return trainer_cls(model=model, args=args, train_dataset=train, eval_dataset=evalset, processing_class=tokenizer,
-                       callbacks=list(callbacks), **({"peft_config": peft_config(cfg, method, model)} if peft else {}), **kw)
+    trainer = trainer_cls(model=model, args=args, train_dataset=train, eval_dataset=evalset, processing_class=tokenizer,
+                          callbacks=list(callbacks), **({"peft_config": peft_config(cfg, method, model)} if peft else {}), **kw)
+    f = lr_lambda(cfg)
+    if f is not None:   # axolotl's cosine variants: the trainer builds this schedule instead of its own
+        def create_scheduler(num_training_steps, optimizer=None):
+            if trainer.lr_scheduler is None:
+                from torch.optim.lr_scheduler import LambdaLR
+                w = trainer.args.get_warmup_steps(num_training_steps)
+                trainer.lr_scheduler = LambdaLR(optimizer or trainer.optimizer, lambda s: f(s, w, num_training_steps))
+                trainer._created_lr_scheduler = True
+            return trainer.lr_scheduler
+        trainer.create_scheduler = create_scheduler
+    return trainer
 
 # %% ../../nbs/methods/01_common.ipynb #fca5e78c
 LOSS_PANEL = Panel("loss", [("log", "loss", "train"), ("eval", "eval_loss", "eval")])

@@ -278,9 +278,11 @@ def test_support_check_is_separate(monkeypatch):
 def test_unsupported_names_and_plugins():
     err = errors_of(MINIMAL + "optimizer: ao_adamw_8bit\nlr_scheduler: one_cycle\nplugins:\n"
                     "  - axolotl.integrations.liger.LigerPlugin\n  - axolotl.integrations.cut_cross_entropy.CutCrossEntropyPlugin\n"
-                    "use_cut_cross_entropy: true\n")
-    assert [p.key for p in err.problems] == ["optimizer", "lr_scheduler", "plugins", "use_cut_cross_entropy"]
-    assert "CutCrossEntropyPlugin" in err.problems[2].message and "LigerPlugin" not in err.problems[2].message
+                    "  - axolotl.integrations.spectrum.SpectrumPlugin\n")
+    assert [p.key for p in err.problems] == ["optimizer", "lr_scheduler", "plugins[2]"]
+    assert "SpectrumPlugin` (Spectrum's choice of layers to train) is not supported yet" in err.problems[2].message
+    cfg = load_config(MINIMAL + "plugins: [axolotl.integrations.cut_cross_entropy.CutCrossEntropyPlugin]\ncut_cross_entropy: true\n")
+    assert sum("chunked LM head" in n for n in cfg.notes) == 2   # the plugin and the key: never a silent no-op
     cfg = load_config(MINIMAL + "plugins: [axolotl.integrations.liger.LigerPlugin]\nliger_rms_norm: true\n")
     assert any("LigerPlugin" in n for n in cfg.notes) and cfg.liger_rms_norm is True
     err = errors_of(MINIMAL.replace("type: chat_template", "type: sharegpt"))
@@ -402,7 +404,7 @@ CONCERNS = [   # (concern, a config it reports on: a fixture file or YAML text, 
     ("check_schedule", "bad_warmup_both.yaml", "warmup_ratio", "error"),
     ("check_schedule", "bad_eval_strategy_no_eval.yaml", "eval_strategy", "error"),
     ("check_kernels", MINIMAL + "tiled_mlp_num_shards: 4\n", "tiled_mlp_num_shards", "note"),
-    ("check_trackers", MINIMAL + "plugins: [axolotl.integrations.liger.LigerPlugin]\n", "plugins", "note"),
+    ("check_trackers", MINIMAL + "plugins: [axolotl.integrations.liger.LigerPlugin]\n", "plugins[0]", "note"),
     ("check_runnable", "bad_unsupported_ebft_strided.yaml", "ebft.mode", "error"),
     ("check_runnable", "bad_unsupported_deepspeed.yaml", "deepspeed", "error"),
 ]

@@ -28,7 +28,14 @@ def test_flags_map_to_liger_kernel_config():
                                 if n.startswith("apply_liger_kernel_to_") and callable(f)))
     assert set(liger_kernel_config(cfg)) <= liger_names, set(liger_kernel_config(cfg)) - liger_names
     assert any("liger_fused_linear_cross_entropy" in n and "line 7" in n for n in cfg.notes)
-    args = training_args(cfg, 10, False)
+    import ftlab.model
+    from ftlab.methods.common import liger_note
+    if not ftlab.model.device_info()["cuda"]:   # Liger's Triton kernels cannot run on a CPU: off, and said
+        assert "use_liger_kernel" not in training_args(cfg, 10, False) and "need a CUDA GPU" in liger_note(cfg)
+    real = ftlab.model.device_info
+    ftlab.model.device_info = lambda: dict(real(), cuda=True)
+    try: args = training_args(cfg, 10, False)
+    finally: ftlab.model.device_info = real
     assert args["use_liger_kernel"] is True and args["liger_kernel_config"]["rms_norm"] is True
     # every method builds its TRL config from `training_args`, so DPO gets the same
     assert liger_kernel_config(load_config(BASE + "rl: dpo\ndpo_use_liger_kernel: true\n")) is not None
