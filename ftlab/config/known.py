@@ -55,7 +55,6 @@ MORE_UNSUPPORTED: dict[str, str] = {
     **_each("dpo_use_logits_to_keep dpo_generate_during_eval s2_attention", _OLD),
     "added_tokens_overrides": "remove it (renaming the tokenizer's added tokens is not built yet)",
     "center_rewards_coefficient": "remove it (reward centring is not wired yet)",
-    "chat_template_kwargs": "remove it (chat template arguments are not wired yet)",
     "dataset_shard_num": "use `shards:` / `shards_idx:` on each entry of `datasets:`",
     "dataset_shard_idx": "use `shards:` / `shards_idx:` on each entry of `datasets:`",
     "dpo_loss_type": "remove it (combined DPO losses are not wired yet; `rl: ipo` trains with the IPO loss)",

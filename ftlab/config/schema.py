@@ -165,6 +165,7 @@ class DataKeys(Section):
     default_system_message: str | None = F(None, "system prompt added when a conversation has none")
     special_tokens: SpecialTokens | None = F(None, "special tokens to set on the tokenizer")
     tokens: list[str] | None = F(None, "new tokens to add to the vocabulary")
+    chat_template_kwargs: dict[str, Any] | None = F(None, "arguments for the chat template when rows are rendered, e.g. `{enable_thinking: false}`")
     eot_tokens: list[str] | None = F(None, "the tokens that end a turn (default: the first special token of each turn's closing text)")
 
     @property
