@@ -103,6 +103,13 @@ def load_source(ds_cfg, namespace: dict | None = None):
             if local.is_dir() and (local / "dataset_info.json").exists() and (local / "state.json").exists():
                 return _split_slice(datasets.load_from_disk(str(local)), split)
             if local.is_dir():
+                # A folder without data files would be guessed at by `datasets` (a `task.toml` makes it look for
+                # `instruction.md`): say what the folder holds instead.
+                if not ds_cfg.data_files and not any(p.suffix.lower() in EXTENSION_TYPES for p in local.rglob("*") if p.is_file()):
+                    have = sorted(p.name for p in local.iterdir())[:6]
+                    raise DataError(f"the folder `{path}` holds no data files (.jsonl, .json, .csv, .parquet, .txt, .arrow)"
+                                    + (f"; it has {', '.join(have)}" if have else "; it is empty"),
+                                    fix="point `path` at the data file, or at a folder of data files")
                 ds = datasets.load_dataset(str(local), data_files=ds_cfg.data_files, split=split or "train")
             else:
                 kind = ds_cfg.ds_type or EXTENSION_TYPES.get(local.suffix.lower())

@@ -146,10 +146,8 @@ MORE_IGNORED: dict[str, str] = {
 DATASET_MORE_IGNORED = {
     **_each("logprobs_field temperature", "read only by axolotl's knowledge-distillation plugin"),
 }
-_TEMPLATE_KEY = "not supported yet in this version of ftlab (chat-template options are being added): remove it"
 DATASET_MORE_UNSUPPORTED = {
-    **_each("chat_template_jinja field_thinking field_tools template_thinking_key split_thinking message_field_training "
-            "message_field_training_detail", _TEMPLATE_KEY),
+    "field_tools": "not supported yet in this version of ftlab (tool definitions are not passed to chat templates): remove it",
     "input_transform": "use `type: module.function` (a function that returns rows of a known shape)",
     **_each("length sequence_length min_input_id max_input_id seed", "synthetic data (`path: synthetic`) is not built yet: remove it"),
     "max_completion_length": "remove it: steps are cut at `sequence_len`",

@@ -47,8 +47,12 @@ def near_spelling(word, candidates) -> str | None:
         d = _distance(word.lower(), c.lower())
         if d <= (2 if len(word) >= 12 else 1) and (best is None or d < best[0]): best = (d, c)
     if best: return best[1]
-    longer = [c for c in candidates if isinstance(c, str) and c.lower().startswith(word.lower())] if len(word) >= 6 else []
-    return longer[0] if len(longer) == 1 else None   # an abbreviation of exactly one name: `gpu_memory`
+    longer = sorted({c for c in candidates if isinstance(c, str) and c.lower().startswith(word.lower())}, key=len) \
+        if len(word) >= 6 else []
+    # an abbreviation of exactly one name (`gpu_memory`), or of a name the others only extend (`lora_target_lin`:
+    # `lora_target_linear`, not `lora_target_linear_modules`)
+    if longer and all(c.lower().startswith(longer[0].lower()) for c in longer): return longer[0]
+    return None
 
 # names other tools use for an axolotl key, and what to write instead
 OTHER_NAMES = {

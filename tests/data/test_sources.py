@@ -97,3 +97,12 @@ def test_no_network_is_said_at_once_before_any_library_retries(make_cfg, monkeyp
         Run(cfg).prepare()
     assert "someone/model-not-in-any-cache" in str(e.value) and "cannot be reached (no network)" in str(e.value)
     assert e.value.problems[0].key == "base_model"
+
+
+def test_a_folder_without_data_files_says_what_it_holds(make_cfg, tmp_path):
+    d = tmp_path / "task"; d.mkdir()
+    (d / "task.toml").write_text("[a]\n"); (d / "notes.md").write_text("x\n")
+    with pytest.raises(DataError) as e:
+        load_source(ds_cfg(make_cfg, d))
+    assert "holds no data files" in str(e.value) and "notes.md, task.toml" in str(e.value)
+    assert "instruction.md" not in str(e.value)
