@@ -28,10 +28,15 @@ def store_completions(output_dir, step: int, logs: dict, keep_steps: int = COMPL
     if not completions: return 0
     rewards = {k: list(v) for k, v in logs.get("rewards", {}).items()}
     adv = list(logs.get("advantages", []))
+    parts = {k: list(v) for k, v in logs.get("parts", {}).items()}   # a reward's parts (EBFT: alignment, diversity)
+    refs = list(logs.get("reference", []))                          # the text a sample is compared with (EBFT strided)
     num = lambda v: None if v is None or v != v else round(float(v), 6)
     rows = [{"step": step, "prompt": _text(p), "completion": _text(c),
              "rewards": {k: num(v[i]) if i < len(v) else None for k, v in rewards.items()},
              "advantage": num(adv[i]) if i < len(adv) else None} for i, (p, c) in enumerate(zip(prompts, completions))]
+    for i, r in enumerate(rows):
+        if parts: r["parts"] = {k: num(v[i]) if i < len(v) else None for k, v in parts.items()}
+        if i < len(refs): r["reference"] = _text(refs[i])
     path = Path(output_dir) / COMPLETIONS_FILE
     old = [json.loads(l) for l in path.read_text().splitlines() if l.strip()] if path.exists() else []
     steps = sorted({r["step"] for r in old} | {step})
@@ -66,6 +71,14 @@ class CompletionsView:
     def reward_names(self) -> list[str]:
         return sorted({k for r in self.rows for k in r.get("rewards", {})})
 
+    @property
+    def part_names(self) -> list[str]:
+        "The parts of a reward stored beside it (EBFT: alignment, diversity), in the order stored."
+        return list(dict.fromkeys(k for r in self.rows for k in r.get("parts", {})))
+
+    def _numbers(self, r: dict) -> list[tuple[str, float | None]]:
+        return [(n, r["rewards"].get(n)) for n in self.reward_names] + [(n, r.get("parts", {}).get(n)) for n in self.part_names]
+
     def groups(self, step: int) -> list[tuple[str, list[dict]]]:
         "(prompt, its completions) for one step, in the order they were generated."
         out: dict[str, list[dict]] = {}
@@ -74,15 +87,17 @@ class CompletionsView:
         return [(p, rs[:self.per_prompt] if self.per_prompt else rs) for p, rs in out.items()]
 
     def _step_html(self, step: int, open_: bool) -> str:
-        names = self.reward_names
+        names = self.reward_names + self.part_names
         head = "".join(f'<th style="{_CELL}">{html.escape(n)}</th>' for n in names)
         body = []
         for prompt, rs in self.groups(step):
             body.append(f'<tr><td colspan="{len(names) + 2}" style="{_CELL};background:#8881"><pre style="{_PRE}">'
                         f'{html.escape(prompt)}</pre></td></tr>')
             for r in rs:
-                scores = "".join(f'<td style="{_CELL};{_score_style(r["rewards"].get(n))}">{_fmt(r["rewards"].get(n))}</td>' for n in names)
-                body.append(f'<tr><td style="{_CELL}"><pre style="{_PRE}">{html.escape(r["completion"])}</pre></td>{scores}'
+                scores = "".join(f'<td style="{_CELL};{_score_style(v)}">{_fmt(v)}</td>' for _, v in self._numbers(r))
+                ref = (f'<div style="font:11px sans-serif;color:#888;margin-top:2px">reference</div><pre style="{_PRE};color:#666">'
+                       f'{html.escape(r["reference"])}</pre>') if r.get("reference") is not None else ""
+                body.append(f'<tr><td style="{_CELL}"><pre style="{_PRE}">{html.escape(r["completion"])}</pre>{ref}</td>{scores}'
                             f'<td style="{_CELL};{_score_style(r.get("advantage"))}">{_fmt(r.get("advantage"))}</td></tr>')
         n = sum(len(rs) for _, rs in self.groups(step))
         return (f'<details{" open" if open_ else ""} class="ftlab-completions-step"><summary style="cursor:pointer">'
@@ -107,8 +122,9 @@ class CompletionsView:
             for prompt, rs in self.groups(s):
                 out.append(f"prompt: {prompt}")
                 for r in rs:
-                    scores = ", ".join(f"{n} {_fmt(r['rewards'].get(n))}" for n in self.reward_names)
-                    out.append(f"  → {r['completion']!r} · {scores} · advantage {_fmt(r.get('advantage'))}")
+                    scores = ", ".join(f"{n} {_fmt(v)}" for n, v in self._numbers(r))
+                    ref = f" (reference {r['reference']!r})" if r.get("reference") is not None else ""
+                    out.append(f"  → {r['completion']!r}{ref} · {scores} · advantage {_fmt(r.get('advantage'))}")
         return "\n".join(out)
 
     def __repr__(self) -> str: return self.text()

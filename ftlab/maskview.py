@@ -11,10 +11,11 @@ from .strategies import IGNORE
 from .masks import token_view, visible, ANSI, is_prompt_row
 
 # %% auto #0
-__all__ = ['STYLE', 'BADGES', 'STEP', 'STEP_MARK', 'TRAINED', 'KINDS', 'SIDES', 'SIDE_COLOUR', 'row_kind', 'n_trained',
-           'MaskSample', 'sample_from', 'token_text', 'token_title', 'token_span', 'split_long', 'tokens_html',
-           'badge_html', 'label_badge', 'steps_note', 'sample_head', 'sides_html', 'sample_html', 'kind_summary',
-           'MaskView', 'sample_lines', 'sample_text', 'mask_view', 'masks_for']
+__all__ = ['STYLE', 'BADGES', 'STEP', 'STEP_MARK', 'TRAINED', 'KINDS', 'SIDES', 'ANCHOR_MARK', 'ANCHOR_STYLE', 'BLOCK_STYLE',
+           'SIDE_COLOUR', 'row_kind', 'n_trained', 'MaskSample', 'sample_from', 'token_text', 'token_title',
+           'mark_anchors', 'token_span', 'split_long', 'tokens_html', 'badge_html', 'label_badge', 'steps_note',
+           'anchors_note', 'sample_head', 'sides_html', 'sample_html', 'kind_summary', 'MaskView', 'sample_lines',
+           'sample_text', 'mask_view', 'masks_for']
 
 # %% ../nbs/13_maskview.ipynb #b9427b97
 STYLE = {  # inline CSS per token kind; the class names (ftlab-trained, ...) are for custom themes
@@ -62,6 +63,8 @@ class MaskSample:
     kind: str = "sft"
     sides: dict[str, list[dict]] = field(default_factory=dict)
     label: bool | None = None             # KTO: desirable (True) or not
+    anchors: list[int] | None = None      # EBFT strided: where the blocks are generated, each `block_len` tokens
+    block_len: int = 0
     prompt_too_long: bool = False
 
     @property
@@ -133,12 +136,26 @@ def token_title(t: dict, pos: int) -> str:
     label = t["label"] if t["kind"] == "trained" else f"{t['label']} (not trained)"
     return f"#{pos} id {t['id']} · label {label} · {t['kind']}"
 
+ANCHOR_MARK, ANCHOR_STYLE = "▸", "color:#1565c0;font-weight:700"       # EBFT strided: where a block is generated
+BLOCK_STYLE = "text-decoration:underline 2px #1565c0"                   # the reference tokens a block stands in for
+
+def mark_anchors(tokens: list[dict], anchors, block_len: int) -> list[dict]:
+    "The tokens with anchor `b` marked on token `a_b` (`anchor`) and the `block_len` tokens from it marked `block`."
+    out = [dict(t) for t in tokens]
+    for b, a in enumerate(anchors):
+        if a < len(out): out[a]["anchor"] = b
+        for i in range(a, min(a + block_len, len(out))): out[i]["block"] = True
+    return out
+
 def token_span(t: dict, pos: int) -> str:
     "One token as a `<span>` with inline style, class names and a hover title."
     body, breaks = token_text(t["text"])
     mark, colour = STEP_MARK.get(t["kind"], ("", ""))
     if mark: mark = f'<span class="ftlab-step-mark" style="color:{colour};font-weight:700">{mark}</span>'
-    return (f'<span class="ftlab-tok ftlab-{t["kind"]}" style="{STYLE[t["kind"]]}" '
+    anchor = (f'<span class="ftlab-anchor" style="{ANCHOR_STYLE}" title="anchor {t["anchor"]}: a block is generated '
+              f'here in place of the underlined tokens">{ANCHOR_MARK}</span>') if "anchor" in t else ""
+    block = f";{BLOCK_STYLE}" if t.get("block") else ""
+    return (f'{anchor}<span class="ftlab-tok ftlab-{t["kind"]}" style="{STYLE[t["kind"]]}{block}" '
             f'title="{html.escape(token_title(t, pos))}">{html.escape(body, quote=False)}</span>{mark}{breaks}')
 
 _TOKENS_STYLE = ("font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,monospace;font-size:12.5px;line-height:1.75;"
@@ -194,7 +211,13 @@ def _head_note(s: MaskSample) -> str:
     if s.kind == "pairs": return "pair · prompt " + ", ".join([f"{len(s.tokens)} tokens"] + [f"{k} {len(v)}" for k, v in s.sides.items()])
     if s.kind == "unpaired": return f"prompt {len(s.tokens)} tokens, completion {len(s.sides['completion'])}"
     if s.kind == "prompts": return f"prompt {len(s.tokens)} tokens · completions are generated during training"
+    if s.anchors is not None: return f"{_trained_note(s.n_trained, s.n_tokens)} · {anchors_note(s)}"
     return _trained_note(s.n_trained, s.n_tokens)
+
+def anchors_note(s: MaskSample) -> str:
+    "`5 anchors (▸), blocks of 8 tokens` for a strided EBFT row."
+    if not s.anchors: return "no anchor fits: too short for one block"
+    return f"{_n(len(s.anchors), 'anchor')} ({ANCHOR_MARK}), blocks of {s.block_len} tokens"
 
 def sample_head(s: MaskSample) -> str:
     "Header line: source and row, what is trained, the KTO label and the badges."
@@ -202,6 +225,7 @@ def sample_head(s: MaskSample) -> str:
     if s.kind == "sft":
         pct = 100 * s.n_trained / max(s.n_tokens, 1)
         note = f'<b>{s.n_trained}</b>/{s.n_tokens} tokens trained ({pct:.0f}%)'
+        if s.anchors is not None: note += f" · {html.escape(anchors_note(s))}"
     else: note = html.escape(_head_note(s))
     lab = label_badge(s)
     return (f'<div class="ftlab-sample-head" style="font-size:12px;margin-bottom:3px">{where}'
@@ -367,6 +391,7 @@ def sample_text(tokens: list[dict], max_tokens: int | None = 400, color: bool = 
         out, open_ = [], False
         for t in ts:
             s, k = visible(t["text"]).translate(_CTRL), t["kind"]
+            if "anchor" in t: out.append(ANCHOR_MARK)
             mark = _MARK.get(k, "")
             if color:
                 body = s.rstrip("\n")
@@ -391,14 +416,21 @@ def sample_text(tokens: list[dict], max_tokens: int | None = 400, color: bool = 
             + run(tokens[n - tail:]).rstrip("\n"))
 
 def mask_view(examples, tokenizer, warnings=None, title: str | None = None, max_tokens: int | None = 400,
-              kind: str | None = None) -> MaskView:
-    "Label masks of prepared rows of any kind (SFT, pairs, KTO, stepwise); `kind` overrides `row_kind` for every row."
+              kind: str | None = None, anchors=None) -> MaskView:
+    """Label masks of prepared rows of any kind (SFT, pairs, KTO, stepwise); `kind` overrides `row_kind` for every row.
+    `anchors(input_ids, labels) -> (positions, block length)` marks where EBFT's strided mode generates its blocks."""
     samples = [sample_from(ex, tokenizer, f"example {i}", kind) for i, ex in enumerate(_rows(examples))]
+    if anchors is not None:
+        for s, ex in zip(samples, _rows(examples)):
+            got = anchors(list(ex["input_ids"]), list(ex["labels"])) if "input_ids" in ex and "labels" in ex else None
+            if got is None: continue
+            s.anchors, s.block_len = got
+            s.tokens = mark_anchors(s.tokens, s.anchors, s.block_len)
     return MaskView(samples, [_warning_text(w) for w in warnings or []], title, max_tokens)
 
 # %% ../nbs/13_maskview.ipynb #94de908a
 def masks_for(prepared, tokenizer, n: int = 3, start: int = 0, split: str = "train", max_tokens: int | None = 400,
-              kind: str | None = None) -> MaskView:
+              kind: str | None = None, anchors=None) -> MaskView:
     "Label masks of rows `start`…`start+n-1` of a `Prepared`'s `train` or `eval` split, with the dataset's warnings."
     if split not in ("train", "eval"):
         raise FtlabError(f"unknown split `{split}`", fix="use `train` or `eval`")
@@ -414,4 +446,4 @@ def masks_for(prepared, tokenizer, n: int = 3, start: int = 0, split: str = "tra
     title = f"Label masks · {split} rows {start}–{stop - 1} of {total}" if stop > start else f"Label masks · {split}"
     if report is not None: title += f" · dataset: {report.summary()}"
     warnings = prepared.warnings() if hasattr(prepared, "warnings") else (report.warnings() if report else [])
-    return mask_view(rows, tokenizer, warnings=warnings, title=title, max_tokens=max_tokens, kind=kind)
+    return mask_view(rows, tokenizer, warnings=warnings, title=title, max_tokens=max_tokens, kind=kind, anchors=anchors)

@@ -260,6 +260,8 @@ def strategies_for(kind: str) -> dict:
     own = dict(STRATEGY_KINDS.get(kind, {}))
     if kind == "unpaired":
         for name, fn in STRATEGY_KINDS["pairs"].items(): own.setdefault(name, _unpaired_from_pairs(fn))
+    if kind == "documents":    # EBFT strided: SFT's rows, read as documents
+        for name, fn in STRATEGY_KINDS["sft"].items(): own.setdefault(name, fn)
     return own
 
 def infer_pref_type(kind: str, columns) -> str | None:

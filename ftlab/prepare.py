@@ -37,12 +37,12 @@ def _strategy_for(ds_cfg, cfg, raw, namespace):
     return table[name], None
 
 def data_kind(cfg) -> str:
-    "The kind of example the config's method trains on (`sft`, `pairs`, `unpaired`, `stepwise`)."
+    "The kind of example the config's method trains on (`sft`, `pairs`, `unpaired`, `stepwise`, `prompts`, `documents`)."
     from ftlab.methods import get_method
-    return get_method(cfg).data
+    return get_method(cfg).data_kind(cfg)
 
 def _infer(kind: str, columns) -> str | None:
-    if kind == "sft": return infer_type(columns)
+    if kind in ("sft", "documents"): return infer_type(columns)
     return infer_prompt_type(columns) if kind == "prompts" else infer_pref_type(kind, columns)
 
 def _apply_transform(raw, map_fn, kw, tokenizer, source):
@@ -71,7 +71,7 @@ def tokenize_dataset(ds_cfg, cfg, tokenizer, namespace=None, report: MaskReport 
         kind = data_kind(cfg)
         name = _infer(kind, cols)
         if name is None:
-            want = ("`messages`, `segments`, `text`, `instruction`/`output`, or `input_ids`/`labels`" if kind == "sft" else
+            want = ("`messages`, `segments`, `text`, `instruction`/`output`, or `input_ids`/`labels`" if kind in ("sft", "documents") else
                     {"pairs": "`prompt`, `chosen` and `rejected`", "unpaired": "`prompt`, `completion` and `label`",
                      "stepwise": "`prompt`, `completions` and `labels`",
                      "prompts": "a `prompt` column (text or messages) and the columns your reward functions read"}.get(kind, "the method's columns"))

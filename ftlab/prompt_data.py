@@ -6,12 +6,12 @@
 from __future__ import annotations
 import re
 from .errors import FtlabError
-from .strategies import register_strategy, StrategyContext, get_messages
+from .strategies import register_strategy, StrategyContext, get_messages, chat_template, completion, input_output
 from .preference_data import as_messages, with_system, first_present, column_list
 
 # %% auto #0
 __all__ = ['PROMPT_FIELDS', 'prompt_limit', 'chat_template_prompt', 'messages_prompt', 'passthrough_prompt', 'infer_prompt_type',
-           'reference_prompt', 'ebft_opencode']
+           'reference_prompt', 'ebft_opencode', 'ebft_pretrain', 'ebft_strided_structured']
 
 # %% ../nbs/23_prompt_data.ipynb #ee8dbc88
 PROMPT_FIELDS = ("prompt", "messages", "conversations", "question", "input", "instruction")
@@ -109,3 +109,24 @@ register_strategy("ebft_chat_multiturn.transform_all_turns", kind="prompts")(lam
 register_strategy("ebft_reasoning.transform", kind="prompts")(lambda row, ctx: _turn(row, ctx, "last"))
 register_strategy("ebft_reasoning.transform_answer_only", kind="prompts")(
     lambda row, ctx: _turn(row, ctx, "last", strip_thinking=True))
+
+# %% ../nbs/23_prompt_data.ipynb #46df5a92
+def _first(row: dict, names, what: str):
+    f = first_present(row, names)
+    if f is None:
+        raise FtlabError(f"no {what} column (columns: {column_list(row)})", fix=f"name it one of: {', '.join(names)}")
+    return str(row[f])
+
+@register_strategy("ebft_pretrain.transform", kind="documents")
+def ebft_pretrain(row: dict, ctx: StrategyContext) -> list[dict]:
+    "Raw text (`text`, else `question`), every token trained: `type: completion`."
+    return completion({"text": _first(row, ("text", "question"), "text")}, ctx)
+
+@register_strategy("ebft_strided_structured.transform", kind="documents")
+def ebft_strided_structured(row: dict, ctx: StrategyContext) -> list[dict]:
+    "The prompt (masked), then the completion (trained): the anchors go into the completion."
+    prompt = _first(row, (ctx.ds.field_input or "input", "prompt", "question"), "prompt")
+    answer = _first(row, (ctx.ds.field_output or "output", "completion", "answer"), "completion")
+    return input_output({"segments": [{"text": prompt, "label": False}, {"text": answer, "label": True}]}, ctx)
+
+register_strategy("ebft_strided_chat.transform", kind="documents")(chat_template)

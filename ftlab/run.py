@@ -285,7 +285,10 @@ def _plot(self, title: str | None = None):
 def _masks(self, n: int = 3, start: int = 0, split: str = "train"):
     "The label-mask view of `n` prepared samples from `start`."
     from ftlab.maskview import masks_for
-    return masks_for(self.prepare(), self.tokenizer, n=n, start=start, split=split)
+    from ftlab.methods import get_method
+    m = get_method(self.cfg)     # EBFT strided: the view marks where the blocks are generated
+    anchors = (lambda ids, labels: m.anchors(self.cfg, ids, labels)) if m.anchors is not None else None
+    return masks_for(self.prepare(), self.tokenizer, n=n, start=start, split=split, anchors=anchors)
 
 Run.plot, Run.masks = _plot, _masks
 

@@ -25,13 +25,14 @@ __all__ = ['IGNORE', 'STRATEGY_KINDS', 'STRATEGIES', 'KIND_NAMES', 'TYPE_NAMES',
 # %% ../nbs/05_strategies.ipynb #7e7894ba
 # Strategies by the kind of example they produce; a method reads one kind (its registry entry's `data`):
 # sft → input_ids + labels, pairs → prompt_ids + chosen_ids + rejected_ids, unpaired → prompt_ids + completion_ids
-# + label, stepwise → input_ids + per-step labels. The same `type` name can mean a different strategy per kind.
+# + label, stepwise → input_ids + per-step labels, documents (EBFT strided) → input_ids + labels, SFT's strategies too. The same `type` name can mean a different strategy per kind.
 STRATEGY_KINDS: dict[str, dict[str, Callable]] = {"sft": {}}
 STRATEGIES = STRATEGY_KINDS["sft"]
 # each kind in words, for messages that say what a method trains on
 KIND_NAMES = {"sft": "conversations or prompt/response text", "pairs": "preference pairs (prompt, chosen, rejected)",
               "unpaired": "completions with a boolean `label` (or preference pairs, split in two)",
-              "stepwise": "step-by-step solutions with a label per step", "prompts": "prompts"}
+              "stepwise": "step-by-step solutions with a label per step", "prompts": "prompts",
+              "documents": "documents (raw text, or prompt/completion and conversations with the prompt masked)"}
 
 def register_strategy(name: str, kind: str = "sft"):
     "Register `fn(row, ctx) -> list[dict]` as the strategy for dataset `type: name` when the method reads `kind` rows."

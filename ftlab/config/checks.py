@@ -79,6 +79,7 @@ def _methods_words(names) -> str:
 def _accepted_types(kind: str) -> set[str]:
     "Dataset type names a method reading `kind` examples accepts (KTO also takes pairs, split in two)."
     names = set(STRATEGY_KINDS.get(kind, {}))
+    if kind == "documents": return names | set(STRATEGY_KINDS.get("sft", {}))   # EBFT strided reads SFT's rows
     return names | set(STRATEGY_KINDS.get("pairs", {})) if kind == "unpaired" else names
 
 def _format_problem(t, m: str, kind: str | None) -> tuple[str, str] | None:
@@ -101,7 +102,7 @@ def check_data(cfg: Config, found: Found):
     "Datasets: required, one source of evaluation data, the chat template, and each entry against its format and the method."
     m = cfg.method
     entry = registry().get(m)
-    kind = entry.data if entry is not None else None
+    kind = entry.data_kind(cfg) if entry is not None else None
     if found.require_datasets and not cfg.datasets and not cfg.model_extra.get("pretraining_dataset"):
         found.error(("datasets",), "`datasets` is required: every method trains on at least one dataset",
                     "add e.g.\n    datasets:\n      - path: ftlab:data/chat.jsonl\n        type: chat_template")

@@ -11,10 +11,12 @@ from .registry import Panel, register_method
 from .common import GRAD_NORM_PANEL, frozen_reference, make_trainer
 from .grpo import (GRPO_PANELS, fit_vllm_weight_sync, generation_groups, grpo_args, grpo_preflight,
                                 grpo_trainer_class, reward_rows)
+from .ebft_strided import (STRIDED_PANELS, STRIDED_RULES, build_strided, ebft_data, row_anchors,
+                                        strided_preflight, strided_settings)
 
 # %% auto #0
 __all__ = ['EBFT_PANELS', 'EBFT_FIGURES', 'EBFT_RULES', 'feature_model', 'sequence_embeddings', 'group_rewards', 'strip_end',
-           'completion_cap', 'ebft_trainer_class', 'feature_reward_only', 'ebft_groups', 'ebft_keys', 'strided_not_yet',
+           'completion_cap', 'ebft_trainer_class', 'feature_reward_only', 'ebft_groups', 'ebft_keys',
            'diversity_collapsing', 'alignment_flat', 'cfm_rising', 'ebft_preflight', 'build_ebft']
 
 # %% ../../nbs/methods/08_ebft.ipynb #7e8962dc
@@ -59,6 +61,7 @@ def completion_cap(reference_lengths: list[int], multiplier: float, max_completi
 # %% ../../nbs/methods/08_ebft.ipynb #f554ddbd
 def ebft_trainer_class():
     "The EBFT trainer class (imports TRL: call it when a run builds the trainer)."
+    import collections
     import torch
     from ftlab.methods.ebft_math import advantages, feature_layer_indices
     class FtlabEBFTTrainer(grpo_trainer_class()):
@@ -67,6 +70,8 @@ def ebft_trainer_class():
             self.ebft, self.feature_copy, self.estimator, self.max_length = ebft, feature_copy, estimator, max_length
             self.last_rewards, self.references = None, None
             super().__init__(*args, reward_funcs=[self.feature_matching], **kw)
+            keep = self._logs["prompt"].maxlen
+            self._logs["parts"] = {k: collections.deque(maxlen=keep) for k in ("alignment", "diversity")}
             config = self.accelerator.unwrap_model(self.model).config.get_text_config()
             self.feature_layers = feature_layer_indices(ebft.feature_layers, config.num_hidden_layers)
             if feature_copy is not None: feature_copy.to(self.accelerator.device)
@@ -110,6 +115,8 @@ def ebft_trainer_class():
             n = self.num_generations if mode == "train" else self.num_generations_eval
             fr = group_rewards(g_all, r_all[::n], n, e)
             self.last_rewards = fr.reward
+            for name, v in (("alignment", fr.alignment), ("diversity", fr.diversity)):   # shown beside each completion
+                if mode == "train": self._logs["parts"][name].extend(v.reshape(-1).tolist())
             for name, v in (("reward", fr.reward), ("alignment", fr.alignment), ("diversity", fr.diversity), ("cfm_loss", fr.cfm)):
                 self._metrics[mode][f"ebft/{name}"].append(v.mean().item())
             k = self.accelerator.process_index * len(rows)
@@ -203,24 +210,21 @@ def ebft_keys(cfg, found):
         found.note(("trl", "scale_rewards"), f"`ebft.advantage_estimator: {e.advantage_estimator}` computes the advantages; "
                    "`trl.scale_rewards` is not used", ("ebft", "advantage_estimator"))
 
-def strided_not_yet(cfg, found):
-    "What this version cannot run yet: strided mode."
-    if cfg.ebft is not None and cfg.ebft.mode == "strided":
-        found.error(("ebft", "mode"), "`ebft.mode: strided` is not supported yet in this version of ftlab",
-                    "use `mode: structured` (prompts with a `ground_truth` completion), or run this config with axolotl for now")
-
 # %% ../../nbs/methods/08_ebft.ipynb #d9c585ed
 EBFT_PANELS = [
     Panel("feature-matching reward", [("log", "ebft/reward", "train"), ("eval", "eval_ebft/reward", "eval"),
-                                      ("log", "reward_std", "std")]),
+                                      ("log", "reward_std", "std"), ("log", "ebft/mean_reward", "train, per block"),
+                                      ("eval", "eval_ebft/mean_reward", "eval, per block")]),
     Panel("alignment (to the reference)", [("log", "ebft/alignment", "train"), ("eval", "eval_ebft/alignment", "eval")]),
     Panel("diversity (similarity between samples)", [("log", "ebft/diversity", "train"), ("eval", "eval_ebft/diversity", "eval")]),
     Panel("CFM loss", [("log", "ebft/cfm_loss", "train"), ("eval", "eval_ebft/cfm_loss", "eval")]),
-    Panel("loss", [("log", "loss", "train"), ("eval", "eval_loss", "eval"), ("log", "ebft/ce_loss", "CE on the reference")]),
+    Panel("loss", [("log", "loss", "train"), ("eval", "eval_loss", "eval")]),
+    *STRIDED_PANELS,                     # RL and CE loss, blocks, advantage spread (the CE panel serves both modes)
     *[p for p in GRPO_PANELS if p.title in ("KL to the reference", "entropy", "completion length", "clipped")],
     GRAD_NORM_PANEL,
 ]
-EBFT_FIGURES = [("ebft/reward", "reward", ".3f"), ("ebft/alignment", "align", ".3f"), ("ebft/cfm_loss", "cfm", ".3f")]
+EBFT_FIGURES = [("ebft/reward", "reward", ".3f"), ("ebft/mean_reward", "reward", ".3f"), ("ebft/alignment", "align", ".3f"),
+                ("ebft/cfm_loss", "cfm", ".3f")]
 
 def _series(logs, key):
     return [float(r[key]) for r in logs if r.get(key) is not None]
@@ -248,13 +252,15 @@ def cfm_rising(logs, evals, n: int = 5, ratio: float = 1.2, limit: float = 100.0
     return None
 
 EBFT_RULES = [r for r in GRPO_RULES if r.name not in ("rewards_stuck_at_zero", "no_learning_signal")] + [
-    Rule("diversity_collapsing", diversity_collapsing, "raise `ebft.diversity_coef` or `trl.temperature`, or sample more `trl.num_generations`"),
+    Rule("diversity_collapsing", diversity_collapsing, "raise `ebft.diversity_coef` or the sampling temperature (`trl.temperature`; strided: "
+         "`ebft.temperature`), or sample more (`trl.num_generations`; strided: `ebft.n_samples_per_prompt`)"),
     Rule("alignment_flat", alignment_flat, "try other `ebft.feature_layers` or `ebft.embed_method` (e.g. `completion_mean`), turn on `use_whitening`, or raise the learning rate"),
     Rule("cfm_rising", cfm_rising, "lower the learning rate, turn on `ebft.use_whitening`, or add a little `ebft.ce_coef` (0.03)"),
-]
+] + STRIDED_RULES
 
 # %% ../../nbs/methods/08_ebft.ipynb #9773f4f5
 def ebft_preflight(cfg, prepared, tokenizer, namespace=None, dry_run: bool = False) -> dict:
+    if _settings(cfg).mode == "strided": return strided_preflight(cfg, prepared, tokenizer, namespace, dry_run)
     for name, ds in (("train", prepared.train), ("eval", prepared.eval)):
         if ds is None: continue
         if "ground_truth" not in ds.column_names:
@@ -269,11 +275,11 @@ def ebft_preflight(cfg, prepared, tokenizer, namespace=None, dry_run: bool = Fal
     extra.pop("reward_funcs", None)
     return extra
 
-def build_ebft(cfg, method, model, tokenizer, prepared, callbacks=(), rollout_func=None):
+def build_ebft(cfg, method, model, tokenizer, prepared, callbacks=(), rollout_func=None, **strided):
+    if _settings(cfg).mode == "strided": return build_strided(cfg, method, model, tokenizer, prepared, callbacks, **strided)
     from trl import GRPOConfig
     cfg = _with_trl(cfg)
     e = _settings(cfg)
-    if e.mode != "structured": raise RunError("`ebft.mode: strided` is not supported yet", key="ebft.mode")
     train, evalset = reward_rows(prepared.train), reward_rows(prepared.eval)
     args = GRPOConfig(**grpo_args(cfg, len(train), evalset is not None))
     extra = {"rollout_func": rollout_func} if rollout_func is not None else {}
@@ -286,6 +292,6 @@ def build_ebft(cfg, method, model, tokenizer, prepared, callbacks=(), rollout_fu
     return trainer
 
 register_method("ebft", build_ebft, description="energy-based fine-tuning: samples rewarded by how their hidden-state "
-                "features match a reference completion's", data="prompts", reference=True, trl_keys=None,
-                sections=("vllm", "ebft"), checks=(feature_reward_only, ebft_groups, ebft_keys), limits=(strided_not_yet,),
+                "features match a reference completion's", data="prompts", data_for=ebft_data, reference=True, trl_keys=None,
+                sections=("vllm", "ebft"), checks=(feature_reward_only, ebft_groups, ebft_keys, strided_settings), anchors=row_anchors,
                 panels=EBFT_PANELS, rules=EBFT_RULES, figures=EBFT_FIGURES, preflight=ebft_preflight)

@@ -55,6 +55,13 @@ class Method:
     # load); with dry_run=True only the checks that need nothing outside this process run
     preflight: Callable | None = None
     score: Callable | None = None        # (model, tokenizer, cfg, prompt, responses) -> scores, for `Run.score`
+    data_for: Callable | None = None     # (cfg) -> the kind of rows where the config decides it (EBFT: `ebft.mode`)
+    # (cfg, input_ids, labels) -> (anchor positions, block length) the mask view marks on a row (EBFT strided)
+    anchors: Callable | None = None
+
+    def data_kind(self, cfg=None) -> str:
+        "The kind of rows this method trains on under `cfg` (`data`, unless `data_for` decides from the config)."
+        return self.data_for(cfg) if self.data_for is not None and cfg is not None and not isinstance(cfg, str) else self.data
 
     def reads_key(self, key: str) -> bool:
         "Whether `key` is one of the top-level keys this method reads."

@@ -270,9 +270,13 @@ def test_support_check_is_separate(monkeypatch):
     assert ei.value.problems[0].line == 2
     check_supported(load_config(MINIMAL))   # nothing to report
     monkeypatch.undo()                      # a registered method's `limits` are part of the support check too
-    strided = text + "trl: {num_generations: 4}\nebft:\n  mode: strided\n"
-    assert [(p.key, p.line) for p in errors_of(strided).problems] == [("ebft.mode", 8)]
-    assert load_config(strided, check_support=False).ebft.mode == "strided"
+    def not_yet(cfg, found):
+        if cfg.ebft is not None and cfg.ebft.use_whitening:
+            found.error(("ebft", "use_whitening"), "`ebft.use_whitening` is not supported yet", "remove it")
+    monkeypatch.setattr(METHODS["ebft"], "limits", (not_yet,))
+    limited = text + "micro_batch_size: 4\ntrl: {num_generations: 4}\nebft:\n  use_whitening: true\n"
+    assert [(p.key, p.line) for p in errors_of(limited).problems] == [("ebft.use_whitening", 9)]
+    assert load_config(limited, check_support=False).ebft.use_whitening
 
 
 def test_unsupported_names_and_plugins():
@@ -405,7 +409,7 @@ CONCERNS = [   # (concern, a config it reports on: a fixture file or YAML text, 
     ("check_schedule", "bad_eval_strategy_no_eval.yaml", "eval_strategy", "error"),
     ("check_kernels", MINIMAL + "tiled_mlp_num_shards: 4\n", "tiled_mlp_num_shards", "note"),
     ("check_trackers", MINIMAL + "plugins: [axolotl.integrations.liger.LigerPlugin]\n", "plugins[0]", "note"),
-    ("check_runnable", "bad_unsupported_ebft_strided.yaml", "ebft.mode", "error"),
+    ("check_method", "bad_ebft_strided_compile.yaml", "torch_compile", "error"),   # strided EBFT's check, on its entry
     ("check_runnable", "bad_unsupported_deepspeed.yaml", "deepspeed", "error"),
 ]
 

@@ -1,5 +1,5 @@
 """The tutorials are documentation that runs: each executes in a real Jupyter kernel and shows what it promises."""
-import pathlib, shutil
+import pathlib, re, shutil
 import nbformat, pytest
 from nbclient import NotebookClient
 
@@ -96,4 +96,17 @@ def test_grpo(tmp_path):
     assert any(s["name"] == "reward per function: exact_count mean" for s in chart["data"])
     assert "ftlab-completions" in h and "exact_count" in h and "advantage" in h   # the completions view
     assert "── step 1" in t and "Count from" in t                      # the first step is kept for comparison
+    assert "Warning" not in t and "Failed to load" not in t
+
+
+def test_ebft(tmp_path):
+    nb, work = execute("ebft", tmp_path)
+    h, t = html(nb), text(nb)
+    assert "ftlab-plan" in h and "finished at step 40" in h and "finished at step 4" in h
+    m = re.search(r"held-out answers: (\d+)% → (\d+)% exact, token overlap ([\d.]+) → ([\d.]+)", t)
+    assert m and int(m[2]) > int(m[1]) and float(m[4]) > float(m[3])      # measured on prompts it did not train on
+    assert "alignment" in h and "diversity" in h and "reference" in h       # the completions views
+    assert 'class="ftlab-anchor"' in h                                      # the strided mask view
+    assert (work / "outputs" / "ebft" / "adapter_model.safetensors").exists()
+    assert (work / "outputs" / "ebft-strided" / "completions.jsonl").exists()
     assert "Warning" not in t and "Failed to load" not in t

@@ -87,12 +87,8 @@ def test_axolotl_example_configs_validate():
     assert cfg.method == "ebft" and cfg.datasets[0].type == "ebft_opencode.transform" and cfg.trl.num_generations == 4
     cfg = load_config(CONFIGS / "ebft_structured_vllm.yaml")
     assert cfg.trl.use_vllm and cfg.trl.chat_template_kwargs == {"enable_thinking": False} and cfg.trl.vllm_server_port == 8000
-    with pytest.raises(ConfigError) as e:
-        load_config(CONFIGS / "ebft_strided.yaml")
-    line = (CONFIGS / "ebft_strided.yaml").read_text().splitlines().index("  mode: strided                       # strided block-parallel generation") + 1
-    assert [(p.key, p.line) for p in e.value.problems] == [("ebft.mode", line)]
-    assert "`ebft.mode: strided` is not supported yet" in str(e.value)
-    assert load_config(CONFIGS / "ebft_strided.yaml", check_support=False).ebft.stride == 8
+    cfg = load_config(CONFIGS / "ebft_strided.yaml")       # strided mode runs (tests/methods/test_ebft_strided.py)
+    assert cfg.ebft.mode == "strided" and cfg.ebft.stride == 8 and cfg.datasets[0].type == "ebft_strided_structured.transform"
 
 
 def test_rows_without_a_reference_stop_before_the_model_loads(tmp_path, monkeypatch):
