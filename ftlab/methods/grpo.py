@@ -17,7 +17,7 @@ from .reward_calls import guard_reward
 # %% auto #0
 __all__ = ['HIDDEN_COLUMNS', 'OWN_KEYS', 'GRPO_PANELS', 'resolve_reward', 'reward_name', 'reward_rows', 'check_reward_functions',
            'reward_functions_given', 'generation_groups', 'vllm_url', 'wait_for_vllm', 'grpo_args',
-           'grpo_trainer_class', 'grpo_preflight', 'fit_vllm_weight_sync', 'build_grpo']
+           'grpo_trainer_class', 'grpo_preflight', 'fit_vllm_weight_sync', 'match_reference_vocab', 'build_grpo']
 
 # %% ../../nbs/methods/05_grpo.ipynb #e38067f0
 def resolve_reward(name: str, namespace: dict | None = None):
@@ -234,15 +234,34 @@ def fit_vllm_weight_sync(trainer):
         import functools
         gen.sync_weights = functools.partial(_vllm_layerwise_sync, gen)
 
+def match_reference_vocab(trainer):
+    """TRL builds GRPO's full fine-tuning reference model again from the model's path, with the vocabulary it had
+    there: tokens the config added (`special_tokens`, `tokens`) would be out of its range. Grow it to the policy's
+    embeddings, with the policy's starting values, so that both start as the same model."""
+    ref = getattr(trainer, "ref_model", None)
+    if ref is None: return
+    import torch
+    policy, ref = trainer.accelerator.unwrap_model(trainer.model), trainer.accelerator.unwrap_model(ref)
+    n = policy.get_input_embeddings().weight.shape[0]
+    if ref.get_input_embeddings().weight.shape[0] == n: return
+    ref.resize_token_embeddings(n)
+    with torch.no_grad():
+        ref.get_input_embeddings().weight.copy_(policy.get_input_embeddings().weight)
+        out_p, out_r = policy.get_output_embeddings(), ref.get_output_embeddings()
+        if out_p is not None and out_r is not None and out_r.weight is not ref.get_input_embeddings().weight:
+            out_r.weight.copy_(out_p.weight)
+
 def build_grpo(cfg, method, model, tokenizer, prepared, callbacks=(), reward_funcs=None, rollout_func=None):
     from trl import GRPOConfig
     train, evalset = reward_rows(prepared.train), reward_rows(prepared.eval)
     args = GRPOConfig(**grpo_args(cfg, len(train), evalset is not None))
     extra = {"rollout_func": rollout_func} if rollout_func is not None else {}
     say = next((c.say for c in callbacks if hasattr(c, "say")), print)
-    guarded = [f if isinstance(f, str) else guard_reward(f, reward_name(f), say) for f in reward_funcs or []]
+    funcs = list(reward_funcs or [])
+    guarded = [f if isinstance(f, str) else guard_reward(f, reward_name(f), say, alone=len(funcs) == 1) for f in funcs]
     trainer = make_trainer(grpo_trainer_class(), cfg, method, model, tokenizer, args, train, evalset, callbacks,
                            reward_funcs=guarded, **extra)
+    match_reference_vocab(trainer)
     trainer.store = cfg.trl.log_completions is not False
     if cfg.trl.use_vllm: fit_vllm_weight_sync(trainer)
     return trainer

@@ -13,7 +13,7 @@ def _step(kw) -> int | str:
     state = kw.get("trainer_state")
     return state.global_step + 1 if state is not None else "?"
 
-def _checked(name: str, out, n: int, step) -> list:
+def _checked(name: str, out, n: int, step, alone: bool = False) -> list:
     "The scores of one call, or the FtlabError that stops the run when they cannot be used."
     where = f"reward function `{name}` at step {step}"
     if out is None or isinstance(out, (str, bytes)) or not hasattr(out, "__len__"):
@@ -33,10 +33,15 @@ def _checked(name: str, out, n: int, step) -> list:
         raise FtlabError(f"{where} returned {x} for completion {i} ({len(odd)} of {n} scores are not finite)",
                          key="trl.reward_funcs", fix="return finite numbers: a non-finite reward makes every advantage "
                                                      "NaN, and None marks a row the function does not score")
+    if alone and all(x is None for x in out):
+        raise FtlabError(f"{where} returned None for all {n} completions, and it is the only reward function: there is "
+                         "nothing to learn from", key="trl.reward_funcs",
+                         fix="return a score for each completion the function can judge (None only for rows it does not apply to)")
     return out
 
-def guard_reward(fn, name: str, say=print):
-    "`fn` as the trainer should call it: mistakes stop the run with the function and the step; slow calls are said."
+def guard_reward(fn, name: str, say=print, alone: bool = False):
+    """`fn` as the trainer should call it: mistakes stop the run with the function and the step; slow calls are said.
+    `alone`: it is the only reward function, so a batch it scores all None has no reward at all."""
     def failed(e, kw):
         raise FtlabError(f"reward function `{name}` raised {type(e).__name__} at step {_step(kw)}: {e}",
                          key="trl.reward_funcs", fix="fix the function for such completions (`run.completions()` "
@@ -55,7 +60,7 @@ def guard_reward(fn, name: str, say=print):
             except FtlabError: raise
             except Exception as e: failed(e, kw)
             finally: t.cancel()
-            return _checked(name, out, n, _step(kw))
+            return _checked(name, out, n, _step(kw), alone)
     else:
         @functools.wraps(fn)
         def guarded(*args, **kw):
@@ -65,7 +70,7 @@ def guard_reward(fn, name: str, say=print):
             except FtlabError: raise
             except Exception as e: failed(e, kw)
             finally: t.cancel()
-            return _checked(name, out, n, _step(kw))
+            return _checked(name, out, n, _step(kw), alone)
     return guarded
 
 # %% auto #0

@@ -1,6 +1,6 @@
 """GRPO: reward functions from the notebook or import paths, checked before the model loads; a run on the tiny
 model; completions stored with the run; vLLM server waiting; the config's TRL keys."""
-import json, sys, textwrap
+import json, math, sys, textwrap
 import pytest
 from ftlab.config import load_config
 from ftlab.errors import ConfigError, FtlabError, RunError
@@ -214,13 +214,15 @@ def test_a_reward_function_failing_during_training_saves_and_names_function_and_
 
 @pytest.mark.parametrize("name, expect", [("wrong_count", "returned 3 scores for 8 completions"),
                                           ("infinite", "returned inf for completion 0"),
-                                          ("all_nan", "returned nan for completion 0 (8 of 8 scores are not finite)")])
+                                          ("all_nan", "returned nan for completion 0 (8 of 8 scores are not finite)"),
+                                          ("all_none", "returned None for all 8 completions, and it is the only reward function")])
 def test_wrong_counts_and_non_finite_rewards_stop_at_the_step(tmp_path, name, expect):
     "After passing the check on two rows: a batch gets the wrong number of scores, `inf`, or NaN everywhere."
     def wrong_count(completions, **kw): return [0.0] * (len(completions) if len(completions) <= 2 else 3)
     def infinite(completions, **kw): return [0.0] * len(completions) if len(completions) <= 2 else [float("inf")] * len(completions)
     def all_nan(completions, **kw): return [0.0] * len(completions) if len(completions) <= 2 else [float("nan")] * len(completions)
-    ns = {"wrong_count": wrong_count, "infinite": infinite, "all_nan": all_nan}
+    def all_none(completions, **kw): return [0.0] * len(completions) if len(completions) <= 2 else [None] * len(completions)
+    ns = {"wrong_count": wrong_count, "infinite": infinite, "all_nan": all_nan, "all_none": all_none}
     run = Run(load_config(grpo_cfg(tmp_path, funcs=f'["@{name}"]')), namespace=ns)
     with pytest.raises(FtlabError) as e:
         run.train(max_steps=2)
@@ -228,9 +230,22 @@ def test_wrong_counts_and_non_finite_rewards_stop_at_the_step(tmp_path, name, ex
 
 
 def test_constant_rewards_are_blamed_on_the_rewards(tmp_path):
-    "All-equal rewards give zero advantages and a zero gradient: the health message says the rewards carry no signal."
+    """All-equal rewards give zero advantages and a zero gradient: the health message says the rewards carry no
+    signal, not that the adapter misses its layers."""
     def constant(completions, **kw): return [0.5] * len(completions)
     run = Run(load_config(grpo_cfg(tmp_path, funcs='["@constant"]')), namespace={"constant": constant}).train(max_steps=4)
     health = [r for r in read_metrics(run.output_dir) if r["event"] == "health"]
     assert [h["rule"] for h in health] == ["rewards_without_signal"], health
     assert "rewards carry no signal" in health[0]["message"] and "frac_reward_zero_std" in health[0]["message"]
+
+
+@pytest.mark.parametrize("method, adapter", [("grpo", ""), ("gdpo", "adapter: lora\nlora_r: 8\nlora_alpha: 16\nlora_target_linear: true\n")])
+def test_new_special_tokens_with_a_reference_model(tmp_path, method, adapter):
+    "A new pad token and added tokens grow the embeddings; the reference model (beta > 0) must grow with them."
+    text = grpo_cfg(tmp_path, extra="  beta: 0.1\n").replace("rl: grpo\nadapter: lora\nlora_r: 8\nlora_alpha: 16\nlora_target_linear: true\n",
+                                                           f"rl: {method}\n{adapter}")
+    text += "special_tokens:\n  pad_token: '<|mypad|>'\ntokens: ['<|newtok|>']\n"
+    run = Run(load_config(text), namespace={"count_reward": count_reward}).train(max_steps=1)
+    assert run.state == "finished" and len(run.tokenizer) > run.tokenizer.vocab_size
+    (log,) = [r for r in read_metrics(run.output_dir) if r["event"] == "log"]
+    assert math.isfinite(log["kl"])
