@@ -180,3 +180,19 @@ def test_interrupt_says_the_exact_resume_command_and_it_works(tmp_path):
     cmd = shlex.split(said.group(1).replace("--set max_steps=400", f"--set max_steps={step + 2}"))
     again = subprocess.run([str(exe)] + cmd[1:], capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and f"step {step + 2} · loss" in again.stdout, again.stdout + again.stderr
+
+
+def test_reward_functions_import_from_the_folder_ftlab_runs_in(tmp_path):
+    "`reward_funcs: [rewards.accuracy]` finds `rewards.py` beside the config with the `ftlab` command, as with python -m."
+    (tmp_path / "rewards.py").write_text("def accuracy(completions, answer, **kw):\n"
+                                         "    return [float(c[0]['content'].strip() == a) for c, a in zip(completions, answer)]\n")
+    (tmp_path / "grpo.yaml").write_text(
+        "base_model: ftlab:tiny\nrl: grpo\nadapter: lora\nlora_target_linear: true\nsequence_len: 128\n"
+        "micro_batch_size: 4\noutput_dir: out\ndatasets:\n  - path: ftlab:data/counting.jsonl\n    type: chat_template\n"
+        "trl:\n  reward_funcs: [rewards.accuracy]\n  num_generations: 4\n  max_completion_length: 8\n")
+    exe = pathlib.Path(sys.executable).parent / "ftlab"
+    env = {k: v for k, v in __import__("os").environ.items() if k != "PYTHONPATH"}
+    r = subprocess.run([str(exe), "train", "grpo.yaml", "--max-steps", "1"], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "rewards/accuracy" in (tmp_path / "out" / "metrics.jsonl").read_text()
