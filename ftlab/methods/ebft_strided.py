@@ -81,11 +81,13 @@ def strided_mask_mod(seq_len: int, anchors):
     return mask_mod
 
 def flex_available(model) -> bool:
-    "Whether the training passes can use flex attention: torch has it, the model is on CUDA and its class supports it."
+    """Whether the training passes can use flex attention: torch has it, the model is on CUDA, its class supports it,
+    and it was loaded with flex attention (`flex_attention: true`); SDPA and eager take the dense mask."""
     try: from torch.nn.attention.flex_attention import create_block_mask  # noqa: F401
     except ImportError: return False
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return next(base.parameters()).device.type == "cuda" and bool(getattr(base, "_supports_flex_attn", False))
+    return (next(base.parameters()).device.type == "cuda" and bool(getattr(base, "_supports_flex_attn", False))
+            and getattr(base.config, "_attn_implementation", None) == "flex_attention")
 
 def block_mask(seq_len: int, anchors, generate_max_len: int, backend: str, implementation: str | None, dtype):
     "The mask of document + all `G` steps for the training passes: a `BlockMask` (`flex`) or a dense 4-D mask."
