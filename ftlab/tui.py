@@ -235,7 +235,8 @@ def holder_alive(output_dir) -> bool | None:
     try: os.kill(int(words[1]), 0)
     except ProcessLookupError: return False
     except (PermissionError, ValueError): return True
-    return True
+    try: return Path(f"/proc/{int(words[1])}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"   # a zombie is gone
+    except (OSError, IndexError): return True
 
 def follow(output_dir, poll: float = 0.5, settle: float = 1.0, on_idle=None):
     "Yield the records of `output_dir/metrics.jsonl`, old and new, until the run ends (or its process is gone)."
@@ -284,6 +285,8 @@ def watch(output_dir, poll: float = 0.5, console=None, tui: bool | None = None) 
         for r in follow(out, poll):
             dash.records.append(r)
             line = format_record(r, dash.figures)
+            if r.get("event") == "end" and r.get("status") != "finished":
+                line = f"stopped at step {r['step']} ({r['status']})" + (f": {r['message']}" if r.get("message") else "")
             if line: print(line, flush=True)
         return status(dash.records, dash.figures)
     with dash:

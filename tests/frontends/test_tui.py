@@ -57,17 +57,17 @@ def check_final_screen(screen, out):
 
 def test_train_tui_live_and_final_screen(tmp_path):
     cfg = config(tmp_path)
-    t = Terminal(f"{EXE} train {cfg} --tui --max-steps 6", tmp_path)
+    t = Terminal(f"{EXE} train {cfg} --tui --max-steps 40", tmp_path)
     try:
         early = t.wait(r"· (loading the tokenizer|preparing 1 dataset|data|loading the model)")   # live before training
         assert "step 0" in early or "loss" not in early
-        live = t.wait(r"step [1-5]/6 .*loss \d")          # during the run: the live view shows the step and the loss
+        live = t.wait(r"step ([1-9]|[1-3]\d)/40 .*loss \d", timeout=240)          # during the run: the live view shows the step and the loss
         assert "sft · ftlab:tiny" in live and "╭─ loss" in live and "devices cpu" in live
         final = t.wait(r"EXIT=\d+", history=True)
     finally: t.close()
     assert "EXIT=0" in final
     records, last = check_final_screen(final, tmp_path / "out")
-    assert f"finished at step 6 · final loss {last['loss']:.4f}" in final
+    assert f"finished at step 40 · final loss {last['loss']:.4f}" in final
 
 
 def test_ctrl_c_in_the_tui_saves_a_checkpoint(tmp_path):
@@ -129,3 +129,19 @@ def test_completions_sit_beside_their_rewards():
     c.print(render(records, m.panels, {}, m.figures, rows, width=120))
     s = c.export_text()
     assert "completions of step 2" in s and "'1 2 3'" in s and "exact" in s and "-0.7" in s
+
+
+def test_watch_notices_a_killed_run(tmp_path):
+    "kill -9 leaves no end record: watch sees that the process holding the run's lock is gone, says so, exits 1."
+    import signal
+    cfg = config(tmp_path, "save_steps: 1000\n")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    train = subprocess.Popen([str(EXE), "train", str(cfg), "--max-steps", "400"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    watch = subprocess.Popen([str(EXE), "watch", f"{tmp_path}/out"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    lines = []
+    for line in watch.stdout:
+        lines.append(line)
+        if line.startswith("step 2 "): train.send_signal(signal.SIGKILL); train.wait(timeout=60)
+    watch.wait(timeout=120)
+    out = "".join(lines)
+    assert watch.returncode == 1 and "the training process is gone" in out, out
