@@ -7,12 +7,13 @@ from __future__ import annotations
 import html, json, math
 
 # %% auto #0
-__all__ = ['PALETTE', 'expand', 'figure', 'sparkline_svg', 'fallback_html', 'Chart']
+__all__ = ['PALETTE', 'points', 'expand', 'figure', 'sparkline_svg', 'fallback_html', 'Chart']
 
 # %% ../nbs/16_charts.ipynb #392ac8cd
 PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b"]
 
-def _series(records, event, key):
+def points(records, event, key) -> tuple[list, list]:
+    "(steps, values) of one metric in one kind of event; a non-finite value is a gap (None)."
     pts = [(r["step"], r[key]) for r in records if r.get("event") == event and r.get(key) is not None
            and isinstance(r[key], (int, float)) and r.get("step") is not None]
     return [p[0] for p in pts], [p[1] if math.isfinite(p[1]) else None for p in pts]
@@ -32,7 +33,7 @@ def figure(records: list[dict], panels, title: str | None = None, cols: int = 2)
     "A plotly figure dict: one subplot per panel that has data, in a grid of `cols` columns."
     shown = []
     for p in panels:
-        series = [(ev, key, label, *_series(records, ev, key)) for ev, key, label in expand(records, p.series)]
+        series = [(ev, key, label, *points(records, ev, key)) for ev, key, label in expand(records, p.series)]
         series = [s for s in series if s[3]]
         if series: shown.append((p, series))
     n = max(len(shown), 1); cols = min(cols, n); rows = math.ceil(n / cols)
@@ -80,7 +81,7 @@ def fallback_html(records: list[dict], panels) -> str:
         series = expand(records, p.series)
         if not series: continue
         ev, key, label = series[0]
-        xs, ys = _series(records, ev, key)
+        xs, ys = points(records, ev, key)
         svg = sparkline_svg(xs, ys)
         if svg:
             last = next((y for y in reversed(ys) if y is not None), None)
@@ -106,7 +107,7 @@ class Chart:
         lines = []
         for p in self.panels:
             for ev, key, label in p.series:
-                xs, ys = _series(self.records, ev, key)
+                xs, ys = points(self.records, ev, key)
                 ys = [y for y in ys if y is not None]
                 if ys: lines.append(f"{p.title} ({label}): {ys[0]:.4g} → {ys[-1]:.4g} over {len(ys)} points")
         return "\n".join(lines) or "no metrics yet"

@@ -8,7 +8,8 @@ import json, math, time
 from pathlib import Path
 
 # %% auto #0
-__all__ = ['METRICS_FILE', 'MetricsLog', 'read_metrics', 'history', 'figures', 'format_record', 'event_callback', 'stop_callback']
+__all__ = ['METRICS_FILE', 'MetricsLog', 'read_metrics', 'history', 'figures', 'format_record', 'devices', 'gpu_memory',
+           'event_callback', 'stop_callback']
 
 # %% ../nbs/10_events.ipynb #8c96b378
 METRICS_FILE = "metrics.jsonl"
@@ -59,7 +60,8 @@ def format_record(r: dict, headline=()) -> str | None:
         parts = [f"step {r['step']}"]
         if r.get("loss") is not None: parts.append(f"loss {r['loss']:.4f}")
         parts += figures(r, headline)
-        for k, label, fmt in [("learning_rate", "lr", ".2e"), ("grad_norm", "grad", ".3f"), ("tokens_per_second", "tok/s", ".0f")]:
+        for k, label, fmt in [("learning_rate", "lr", ".2e"), ("grad_norm", "grad", ".3f"), ("tokens_per_second", "tok/s", ".0f"),
+                              ("gpu_memory_peak_gib", "gpu GiB", ".1f")]:
             if r.get(k) is not None: parts.append(f"{label} {r[k]:{fmt}}")
         return " · ".join(parts)
     if e == "eval":
@@ -72,12 +74,28 @@ def format_record(r: dict, headline=()) -> str | None:
     if e == "health": return f"health (step {r['step']}): {r['message']} → {r['fix']}"
     if e in ("interrupted",): return r["message"]
     if e == "start":
+        ws = r.get("world_size") or 1
         return (f"training: {r['max_steps']} steps" + (f" (from step {r['step']})" if r.get("step") else "")
-                + (f" on {r['world_size']} processes" if (r.get("world_size") or 1) > 1 else ""))
+                + (f" on {ws} processes" if ws > 1 else (f" on {r['devices']}" if r.get("devices") else "")))
     if e == "save": return f"saved {r['checkpoint']}"
     return None
 
 # %% ../nbs/10_events.ipynb #1b0bc206
+def devices(args) -> str:
+    "What the run trains on, in words: `cpu`, `1× NVIDIA H200`, `8× NVIDIA H200 (8 processes)`."
+    import torch
+    if not torch.cuda.is_available() or getattr(args, "use_cpu", False):
+        return "cpu" + (f" ({args.world_size} processes)" if args.world_size > 1 else "")
+    n = max(args.world_size, 1)
+    return f"{n}× {torch.cuda.get_device_name(0)}" + (f" ({n} processes)" if n > 1 else "")
+
+def gpu_memory() -> dict:
+    "This process's GPU memory now and at its peak, in GiB (nothing on a machine without a GPU)."
+    import torch
+    if not torch.cuda.is_available(): return {}
+    return {"gpu_memory_gib": round(torch.cuda.memory_allocated() / 2**30, 2),
+            "gpu_memory_peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)}
+
 def event_callback(emit):
     "A TrainerCallback that emits start/log/eval/save records and stops on a non-finite loss."
     from transformers import TrainerCallback
@@ -93,7 +111,8 @@ def event_callback(emit):
         def on_train_begin(self, args, state, control, **kw):
             self.t0 = time.time(); self.last = (self.t0, state.num_input_tokens_seen or 0)
             emit({"event": "start", "step": state.global_step, "max_steps": state.max_steps,
-                  "epochs": args.num_train_epochs, "logging_steps": args.logging_steps, "world_size": args.world_size})
+                  "epochs": args.num_train_epochs, "logging_steps": args.logging_steps,
+                  "devices": devices(args), "world_size": args.world_size})
 
         def on_log(self, args, state, control, logs=None, **kw):
             logs = dict(logs or {})
@@ -106,6 +125,7 @@ def event_callback(emit):
                 if self.last and now > self.last[0] and seen > self.last[1]:
                     rec["tokens_per_second"] = round((seen - self.last[1]) / (now - self.last[0]), 1)
                 self.last = (now, seen)
+                rec.update(gpu_memory())
                 bad = [k for k in ("loss", "grad_norm") if logs.get(k) is not None and not math.isfinite(float(logs[k]))]
                 if bad and self.nan_step is None:
                     self.nan_step, self.nan_what = state.global_step, bad[0]

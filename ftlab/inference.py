@@ -24,22 +24,30 @@ def weights_dir(run) -> Path:
     if (out / "adapter_config.json").exists() or (out / "config.json").exists(): return out
     ckpt = get_last_checkpoint(str(out)) if out.exists() else None
     if ckpt: return Path(ckpt)
-    raise FtlabError(f"no trained weights in `{out}` yet", fix="train the run first (`run.train()`)")
+    raise FtlabError(f"no trained weights in `{out}` yet",
+                     fix="train the run first (`ftlab train CONFIG` or `run.train()`), or chat with the base model (`--base`)")
 
-def inference_model(run):
-    "(model, tokenizer) of a run for generation or scoring: the trained model in memory, else loaded from its folder."
-    if run.loaded is not None: return run.loaded
+def inference_model(run, base: bool = False, weights=None):
+    """(model, tokenizer) of a run for generation or scoring: the trained model in memory, else loaded from its folder.
+    `base`: the base model without the trained adapter; `weights`: another folder (a merged model, an adapter)."""
+    if run.loaded is not None and not base and weights is None: return run.loaded
     quiet_libraries()
     check_hub(run.cfg)
-    if run.trainer is not None:
+    if run.trainer is not None and not base and weights is None:
         model = run.trainer.model
     else:
         from ftlab.model import load_model
         from ftlab.tokenizer import load_tokenizer
         from ftlab.methods import get_method
         head = get_method(run.cfg).head
-        d = weights_dir(run)
         run.tokenizer = run.tokenizer or load_tokenizer(run.cfg)
+        if base:
+            run.loaded = (load_model(run.cfg, run.tokenizer, head), run.tokenizer)
+            print(f"loaded the base model {run.cfg.base_model} (no adapter)", flush=True)
+            return run.loaded
+        d = Path(weights).expanduser() if weights is not None else weights_dir(run)
+        if not d.is_dir() or not ((d / "adapter_config.json").exists() or (d / "config.json").exists()):
+            raise FtlabError(f"`{d}` holds no model or adapter", fix="give a folder that `ftlab train` or `ftlab merge-lora` wrote")
         adapter = (d / "adapter_config.json").exists()
         if adapter:
             from peft import PeftModel
@@ -103,21 +111,36 @@ def save(run, path) -> Path:
     if not (dst / "tokenizer.json").exists() and run.tokenizer is not None: run.tokenizer.save_pretrained(str(dst))
     return dst
 
-def merge(run, path) -> Path:
-    "Merge a run's LoRA adapter into the base model and save a standalone model folder at `path`."
+def merge(run, path=None, simulate_nf4: bool = False, by_shard: bool = True) -> Path:
+    """Merge a run's LoRA adapter into the base model and save a standalone model folder at `path` (default
+    `output_dir/merged`). A language model is merged tensor by tensor from the base's safetensors files
+    (`ftlab.merge.merge_lora`, never the whole model in memory); `simulate_nf4`: a QLoRA adapter merged into the NF4
+    round trip of the base weights, the weights it was trained against. A scoring head, or `by_shard=False`, merges in memory."""
     quiet_libraries()
     import transformers
-    from ftlab.model import torch_dtype
+    from ftlab.model import torch_dtype, training_dtype
     from ftlab.tokenizer import load_tokenizer, model_path
     from ftlab.methods import get_method
     d = weights_dir(run)
     tok = run.tokenizer or load_tokenizer(run.cfg)
-    dst = Path(path).expanduser()
+    dst = Path(path).expanduser() if path is not None else run.output_dir / "merged"
     if not (d / "adapter_config.json").exists():  # a full fine-tune is already standalone
         return save(run, dst)
+    head, cfg = get_method(run.cfg).head, run.cfg
+    base = _shard_base(cfg, head, tok) if by_shard else None
+    if base is not None:
+        from ftlab.merge import merge_lora
+        dtype = training_dtype(cfg)
+        merge_lora(base, d, dst, dtype=dtype, simulate_nf4=simulate_nf4, nf4_dtype=dtype,
+                   double_quant=cfg.bnb_4bit_use_double_quant is not False, quant_type=cfg.bnb_4bit_quant_type or "nf4")
+        tok.save_pretrained(str(dst))
+        return dst
+    if simulate_nf4:
+        raise FtlabError("`simulate_nf4` needs the shard-by-shard merge, which this run cannot use "
+                         "(a scoring head, a base without safetensors files, or added tokens)",
+                         fix="merge without simulating NF4")
     from peft import PeftModel
     # unquantized, with the method's head (a reward model keeps its scoring layer)
-    head, cfg = get_method(run.cfg).head, run.cfg
     auto, num_labels = cfg.auto_class or head.auto_class, cfg.num_labels or head.num_labels
     base = getattr(transformers, auto).from_pretrained(model_path(cfg.base_model), dtype=torch_dtype(cfg),
                                                        trust_remote_code=cfg.trust_remote_code,
@@ -126,3 +149,15 @@ def merge(run, path) -> Path:
     merged = PeftModel.from_pretrained(base, str(d)).merge_and_unload()
     merged.save_pretrained(str(dst)); tok.save_pretrained(str(dst))
     return dst
+
+def _shard_base(cfg, head, tok):
+    "The base model's folder when the shard-by-shard merge applies: an LM head, safetensors files, no added tokens."
+    import json
+    from ftlab.merge import base_weights, shards
+    if head.auto_class != "AutoModelForCausalLM" or cfg.model_type: return None
+    try:
+        base = base_weights(cfg.base_model, cfg.revision_of_model)
+        shards(base)
+    except FtlabError: return None
+    vocab = json.loads((base / "config.json").read_text()).get("vocab_size") if (base / "config.json").exists() else None
+    return None if vocab is None or len(tok) > vocab else base
