@@ -29,6 +29,9 @@ echo "== pytest"
 # The browser test needs Debian's chromium; without root it cannot be installed and that test skips
 # (CI sets FTLAB_REQUIRE_BROWSER=1, so there it fails instead).
 bash scripts/ensure_browser.sh || echo "chromium is not installed: the real-browser test will skip"
+# The terminal dashboard's tests drive it in a real pseudo-terminal through tmux (Debian's package; needs root).
+command -v tmux >/dev/null || { [ "$(id -u)" -eq 0 ] && apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq --no-install-recommends tmux >/dev/null 2>&1; } \
+  || echo "tmux is not installed: the terminal dashboard's tests will skip"
 .venv/bin/python -m pytest --durations=10 "$@"
 phase pytest
 echo "== all tests passed in $((SECONDS - START)) s"
