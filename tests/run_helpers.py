@@ -1,5 +1,9 @@
 """Small pieces several test rooms share (importable from any of them: pytest puts tests/ on the path for conftest.py)."""
+import os
+from pathlib import Path
 from ftlab.events import read_metrics
+
+ROOT = Path(__file__).resolve().parents[1]
 
 # a LoRA config fragment that visibly learns on the tiny model in a few steps
 LORA = "adapter: lora\nlora_r: 8\nlora_alpha: 16\nlora_target_linear: true\nlearning_rate: 0.002\nmicro_batch_size: 8\n"
@@ -8,3 +12,8 @@ LORA = "adapter: lora\nlora_r: 8\nlora_alpha: 16\nlora_target_linear: true\nlear
 def logs(run):
     "The run's training log records, from its metrics.jsonl."
     return [r for r in read_metrics(run.output_dir) if r["event"] == "log"]
+
+
+def checkout_env(**extra) -> dict:
+    "The environment for a fresh Python process that imports ftlab from this checkout (keeping the caller's path)."
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]), **extra}

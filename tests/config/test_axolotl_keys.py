@@ -11,7 +11,9 @@ from ftlab.config.known import AXOLOTL_KEYS, axolotl_keys
 from ftlab.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
-MIRROR = Path("/work/.mirror/axolotl-ai-cloud+axolotl/repo")
+import os
+# an axolotl checkout (or bare clone) to regenerate the key table from, e.g. AXOLOTL_CHECKOUT=~/src/axolotl
+MIRROR = Path(os.environ.get("AXOLOTL_CHECKOUT") or "/nonexistent").expanduser()
 SECTIONS = {"top": Config, "dataset": DatasetConfig, "trl": TRLConfig, "vllm": VLLMConfig, "ebft": EBFTConfig,
             "special_tokens": SpecialTokens}
 MINIMAL = "base_model: ftlab:tiny\ndatasets:\n  - path: ftlab:data/chat.jsonl\n    type: chat_template\n"
@@ -47,7 +49,7 @@ def test_table_has_both_levels_and_the_plugins():
     assert "axolotl.integrations.cut_cross_entropy.CutCrossEntropyPlugin" in AXOLOTL_KEYS["plugins"]
 
 
-@pytest.mark.skipif(not MIRROR.exists(), reason="no axolotl checkout to regenerate the table from")
+@pytest.mark.skipif(not MIRROR.exists(), reason="set AXOLOTL_CHECKOUT to an axolotl checkout to regenerate the table from")
 def test_table_matches_the_script(tmp_path):
     out = tmp_path / "keys.json"
     subprocess.run([sys.executable, str(ROOT / "scripts/axolotl_keys.py"), str(MIRROR), "--out", str(out)], check=True,

@@ -4,16 +4,15 @@ from pathlib import Path
 from ftlab.config import load_config
 from ftlab.run import Run
 
-from run_helpers import LORA
+from run_helpers import LORA, checkout_env
 
-ROOT = Path(__file__).resolve().parents[2]
 NOISE = ("Loading weights", "LOAD REPORT", "MISSING", "newly initialized", "Failed to load", "pip install kernels",
          "FutureWarning", "Warning:", "%|")
 
 
 def fresh_process(code: str, cwd) -> str:
     "Output (stdout and stderr) of `code` in a new Python process, run outside the checkout (as a user would)."
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    env = checkout_env()
     r = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=cwd, env=env, capture_output=True, text=True,
                        timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr

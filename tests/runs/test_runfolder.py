@@ -7,9 +7,9 @@ from ftlab.events import read_metrics
 from ftlab.errors import FtlabError, RunError
 from ftlab.runfolder import LOCK_FILE, SAVING_DIR
 
-from run_helpers import LORA, logs
+from run_helpers import LORA, ROOT, checkout_env, logs
 
-ROOT = Path(__file__).resolve().parents[2]
+
 
 
 def steps(run): return [r["step"] for r in logs(run)]
@@ -18,7 +18,7 @@ def notes(run): return [r["message"] for r in read_metrics(run.output_dir) if r[
 
 def python(code: str, **kw):
     "Run `code` in a fresh Python process (the tests' environment: offline, ftlab from this checkout)."
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    env = checkout_env()
     return subprocess.Popen([sys.executable, "-c", textwrap.dedent(code)], env=env, cwd=ROOT, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **kw)
 
