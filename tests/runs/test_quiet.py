@@ -1,6 +1,5 @@
 """A reopened run says what it loaded and nothing else: no progress bars, load reports or library notices."""
-import os, subprocess, sys, textwrap
-from pathlib import Path
+import subprocess, sys, textwrap
 from ftlab.config import load_config
 from ftlab.run import Run
 

@@ -1,5 +1,5 @@
 """What survives what: kills and full disks during a save, two runs on one folder, reused folders, signals."""
-import errno, json, os, signal, subprocess, sys, textwrap, time
+import errno, os, signal, subprocess, sys, textwrap, time
 from pathlib import Path
 import pytest
 from ftlab.run import Run
