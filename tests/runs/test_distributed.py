@@ -1,9 +1,8 @@
 """Several processes through `ftlab train --num-processes 2` (DDP over gloo on the CPU): the same training as one
 process with accumulation, one run folder written by rank 0, a stop every rank takes at the same step, and a
 worker's mistake said once with its ranks."""
-import json, os, re, shlex, signal, subprocess, sys
+import os, re, shlex, signal, subprocess, sys
 from pathlib import Path
-import pytest
 from ftlab.events import read_metrics
 
 EXE = Path(sys.executable).parent / "ftlab"
