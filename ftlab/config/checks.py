@@ -21,9 +21,9 @@ from ..chat_templates import resolve_chat_template
 from ..errors import FtlabError
 
 # %% auto #0
-__all__ = ['CHECKS', 'registry', 'Found', 'method_words', 'check_data', 'check_method', 'check_generation', 'check_ebft',
-           'check_adapter', 'check_precision', 'check_schedule', 'check_kernels', 'check_trackers', 'cross_check',
-           'check_runnable']
+__all__ = ['CHECKS', 'registry', 'Found', 'method_words', 'check_data', 'check_stream', 'check_method', 'check_generation',
+           'check_ebft', 'check_adapter', 'check_precision', 'check_schedule', 'check_kernels', 'check_trackers',
+           'cross_check', 'check_runnable']
 
 # %% ../../nbs/config/06_checks.ipynb #00c47bea
 def registry() -> dict:
@@ -103,9 +103,10 @@ def check_data(cfg: Config, found: Found):
     m = cfg.method
     entry = registry().get(m)
     kind = entry.data_kind(cfg) if entry is not None else None
-    if found.require_datasets and not cfg.datasets and not cfg.model_extra.get("pretraining_dataset"):
+    if found.require_datasets and not cfg.datasets and not cfg.pretraining_dataset:
         found.error(("datasets",), "`datasets` is required: every method trains on at least one dataset",
-                    "add e.g.\n    datasets:\n      - path: ftlab:data/chat.jsonl\n        type: chat_template")
+                    "add e.g.\n    datasets:\n      - path: ftlab:data/chat.jsonl\n        type: chat_template\n"
+                    "  (or `pretraining_dataset:` to stream raw text)")
     if cfg.test_datasets and (cfg.val_set_size or 0) > 0:
         found.error(("val_set_size",), f"val_set_size and {found.at('test_datasets')} both choose the evaluation data",
                     "remove `val_set_size` (evaluation uses test_datasets) or remove `test_datasets`", ("test_datasets",))
@@ -141,6 +142,53 @@ def check_data(cfg: Config, found: Found):
                 if v is not None and prop in mp and mp[prop] != v:
                     found.error(dp + (legacy,), f"{legacy}: {v} disagrees with message_property_mappings.{prop}: {mp[prop]}",
                                 f"keep only `message_property_mappings: {{{prop}: ...}}`", dp + ("message_property_mappings",))
+
+def check_stream(cfg: Config, found: Found):
+    """`pretraining_dataset`: axolotl's rules in config terms (max_steps, no val_set_size, one source of training data, a
+    method that trains on text) and the stream keys that change nothing where they are written."""
+    stream_keys = [k for k in ("streaming_multipack_buffer_size", "pretrain_multipack_attn", "pretraining_sample_concatenation")
+                   if _set(cfg, k)]
+    if not cfg.pretraining_dataset:
+        for k in stream_keys:
+            found.note((k,), f"`{k}` shapes the rows streamed from `pretraining_dataset`, which is not set; ignored")
+        if cfg.streaming:
+            found.note(("streaming",), "`streaming: true` streams `pretraining_dataset`; `datasets:` entries are loaded whole "
+                                       "and cached (to stream a raw-text corpus, list it under `pretraining_dataset:`)")
+        return
+    p, entry = ("pretraining_dataset",), registry().get(cfg.method)
+    if cfg.datasets:
+        found.error(("datasets",), f"`datasets` and {found.at(*p)} both give the training data",
+                    "keep one: `pretraining_dataset` streams raw text while training, `datasets` are loaded whole; "
+                    "evaluation data goes in `test_datasets`", p)
+    if not cfg.max_steps:
+        tokens = cfg.sequence_len * cfg.effective_batch_size
+        found.error(p, "`max_steps` is required with `pretraining_dataset`: a stream has no length, so the number of steps "
+                       "(and with it the learning-rate schedule) cannot come from `num_epochs`",
+                    f"add e.g. `max_steps: 1000`; each step trains sequence_len x micro_batch_size x "
+                    f"gradient_accumulation_steps tokens per process ({tokens:,} here)", ("max_steps",))
+    if (cfg.val_set_size or 0) > 0:
+        found.error(("val_set_size",), "`val_set_size` cannot hold rows out of a stream (it is never read whole)",
+                    "remove `val_set_size` and give evaluation data in `test_datasets:`", p)
+    if entry is not None and not entry.streams:
+        key = ("rl",) if cfg.rl else (cfg.method,)
+        readers = sorted(n for n, e in registry().items() if e.streams)
+        found.error(key, f"`pretraining_dataset` trains the language-modelling loss on raw text; {method_words(cfg.method)} "
+                         f"trains on {KIND_NAMES.get(entry.data_kind(cfg), 'its own rows')}",
+                    f"remove `{key[0]}:` to train on the stream ({_methods_words(readers)}), or give the method's data in `datasets:`", p)
+    if cfg.dataset_exact_deduplication:
+        found.error(("dataset_exact_deduplication",), "`dataset_exact_deduplication` needs every row at once; a stream is read once, as it comes",
+                    "remove `dataset_exact_deduplication` (or deduplicate the corpus before training)", p)
+    if cfg.streaming is False:
+        found.note(("streaming",), "`pretraining_dataset` is always streamed; `streaming: false` changes nothing")
+    if cfg.group_by_length:
+        found.note(("group_by_length",), "`group_by_length` would need the whole stream at once; streamed rows come in order, packed")
+    if cfg.sample_packing and cfg.pretraining_sample_concatenation is not None:
+        found.note(("pretraining_sample_concatenation",), "with `sample_packing: true` documents are concatenated into packed rows "
+                   "anyway; `pretraining_sample_concatenation` changes nothing")
+    elif not cfg.sample_packing and _set(cfg, "pretrain_multipack_attn"):
+        found.note(("pretrain_multipack_attn",), "`pretrain_multipack_attn` applies to packed rows (`sample_packing: true`); "
+                   + ("concatenated rows (`pretraining_sample_concatenation: true`) let documents attend to each other, as in axolotl"
+                      if cfg.pretraining_sample_concatenation else "without packing each document has rows of its own"))
 
 # %% ../../nbs/config/06_checks.ipynb #f44f25d5
 def check_method(cfg: Config, found: Found):
@@ -331,7 +379,7 @@ def check_trackers(cfg: Config, found: Found):
     for i, p in enumerate(cfg.plugins or []):
         if plugin_folder(p) in COVERED_PLUGINS: found.note(("plugins", i), f"plugin `{p}` is not needed: {COVERED_PLUGINS[plugin_folder(p)]}")
 
-CHECKS = (check_data, check_method, check_generation, check_ebft, check_adapter, check_precision, check_schedule,
+CHECKS = (check_data, check_stream, check_method, check_generation, check_ebft, check_adapter, check_precision, check_schedule,
           check_kernels, check_trackers)
 
 def cross_check(cfg: Config, found: Found) -> Found:

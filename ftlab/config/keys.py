@@ -62,7 +62,7 @@ AXOLOTL_PAIR_FORMATS = {"chatml", "llama3", "zephyr", "user_defined", "chat_temp
 AXOLOTL_DATASET_TYPES = {
     "sharegpt": "use `type: chat_template` with `field_messages: conversations` and "
                 "`message_property_mappings: {role: from, content: value}`",
-    "pretrain": "use `type: completion` for raw text",
+    "pretrain": "use `type: completion` for raw text, or `pretraining_dataset:` to stream a corpus too large to load",
 
     **{t: "convert the rows to messages (`type: chat_template`) or to instruction/input/output (`type: alpaca`)"
        for t in ("alpaca_chat", "alpaca_w_system", "context_qa", "explainchoice", "concisechoice", "summarizetldr",
@@ -109,8 +109,6 @@ IGNORED_KEYS: dict[str, str] = {
     "sample_packing_eff_est": "packing is planned by the trainer", "total_num_tokens": "computed when data is prepared",
     "sample_packing_group_size": "packing is planned by the trainer",
     "sample_packing_bin_size": "packing is planned by the trainer",
-    "pretrain_multipack_attn": "only used with `pretraining_dataset`",
-    "streaming_multipack_buffer_size": "only used with `pretraining_dataset`",
     "mean_resizing_embeddings": "new token rows are initialised by ftlab",
     "resize_token_embeddings_to_32x": "new token rows are initialised by ftlab",
     "profiler_steps": "not used", "save_first_step": "not used", "use_wandb": "W&B is on when `wandb_project` is set",
@@ -118,7 +116,7 @@ IGNORED_KEYS: dict[str, str] = {
     "sample_packing_sequentially": "packing is planned by the trainer", "embeddings_skip_upcast": "not used",
     "gc_steps": "not used", "save_only_model": "checkpoints are chosen by ftlab", "eval_accumulation_steps": "not used",
     "torchdistx_path": "not used", "tokenizer_save_jinja_files": "not used", "model_config_type": "read from the model",
-    "qlora_sharded_model_loading": "loading is chosen by ftlab", "dataset_num_proc": "see `dataset_processes`",
+    "qlora_sharded_model_loading": "loading is chosen by ftlab",
 
     **MORE_IGNORED,
 }
@@ -129,7 +127,6 @@ IGNORED_PREFIXES: dict[str, str] = {
 _ONE_DEVICE = MORE_UNSUPPORTED["deepspeed"]
 UNSUPPORTED_KEYS: dict[str, str] = {
     **MORE_UNSUPPORTED,   # the features left out (several GPUs, multimodal, MoE kernels) and the rest of axolotl's keys
-    "pretraining_dataset": "use `datasets:` with `type: completion` for raw text",
     "gptq": "use `load_in_4bit: true` (bitsandbytes) instead of a GPTQ model",
     "neftune_noise_alpha": "remove it (embedding noise is not built yet)",
     "lora_target_linear_modules": "use `lora_target_modules` (names or a regex) instead",
@@ -158,7 +155,8 @@ COVERED_PLUGINS = {"liger": "ftlab reads the `liger_*` flags itself",
 # axolotl's other names of keys (pydantic aliases and deprecated spellings it still reads) -> ftlab's name
 ALIASES = {"type_of_model": "model_type", "model_revision": "revision_of_model", "dpo_beta": "rl_beta",
            "evaluation_strategy": "eval_strategy", "noisy_embedding_alpha": "neftune_noise_alpha",
-           "model_config": "overrides_of_model_config", "model_kwargs": "overrides_of_model_kwargs"}
+           "model_config": "overrides_of_model_config", "model_kwargs": "overrides_of_model_kwargs",
+           "pretrain_multipack_buffer_size": "streaming_multipack_buffer_size", "dataset_num_proc": "dataset_processes"}
 
 DATASET_IGNORED_KEYS = {"preprocess_shards": "the data layer decides", "input_format": "not used", **DATASET_MORE_IGNORED}
 DATASET_UNSUPPORTED_KEYS = {

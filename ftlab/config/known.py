@@ -132,9 +132,7 @@ MORE_IGNORED: dict[str, str] = {
     **_each("otel_metrics_host otel_metrics_port use_otel_metrics", "OpenTelemetry is not wired as a tracker"),
     **_each("use_trackio trackio_project_name trackio_run_name trackio_space_id", "Trackio is not wired as a tracker"),
     "use_comet": "Comet is not wired as a tracker", "use_swanlab": "SwanLab is not wired as a tracker",
-    **_each("pretrain_multipack_buffer_size pretraining_sample_concatenation", "only used with `pretraining_dataset`"),
     "quantization": "quantizing after training is axolotl's `quantize` command, which ftlab does not run",
-    "streaming": "datasets are loaded whole",
     "torch_compile_mode": "torch.compile runs with its default mode", "torch_compile_options": "torch.compile runs with its default options",
     **{k: _PLUGIN_KEY.format(p.split()[1]) for k, p in AXOLOTL_KEYS["plugin_keys"].items()
        if not k.startswith(("liger_", "swanlab_")) and k != "cut_cross_entropy"},
@@ -151,8 +149,8 @@ DATASET_MORE_UNSUPPORTED = {
     "input_transform": "use `type: module.function` (a function that returns rows of a known shape)",
     **_each("length sequence_length min_input_id max_input_id seed", "synthetic data (`path: synthetic`) is not built yet: remove it"),
     "max_completion_length": "remove it: steps are cut at `sequence_len`",
-    "text_column": "use `type: completion` with `field:` naming the text column",
-    "skip": "remove it (skipping rows of a streamed dataset is not built yet)",
+    "text_column": "in `datasets:` the text column is `field:` (with `type: completion`); `text_column` belongs to `pretraining_dataset:` entries",
+    "skip": "`skip` belongs to `pretraining_dataset:` entries (streamed); in `datasets:` use a split slice such as `split: train[100:]`",
 }
 
 # %% ../../nbs/config/08_known.ipynb #9cf1ec9b

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from .checks import Found, check_runnable, cross_check
 from .schema import Config
-from .sections import DatasetConfig
+from .sections import DatasetConfig, PretrainingDataset
 from .source import Where, apply_override, looks_like_path, parse_overrides, parse_yaml, read_file
 from .translate import validate
 from .values import key_text, value_text
@@ -65,6 +65,9 @@ OTHER_NAMES = {
 def _suggest(key, cls, path) -> tuple[str, str]:
     "(what to add to the message, the fix) for an unknown key."
     if key in OTHER_NAMES and cls is Config: return f" — {OTHER_NAMES[key][0]}", OTHER_NAMES[key][1]
+    if cls is PretrainingDataset and key in DatasetConfig.model_fields:
+        return (f" — `{key}` is read by the formats of `datasets:` entries; `pretraining_dataset` streams raw text from "
+                "`text_column`", "remove it, or list this dataset under `datasets:` to use its format")
     if cls is not Config and (key in Config.model_fields or Config.key_kind(key)):
         return f" — `{key}` is a top-level key", f"move it out of `{key_text(path)}` to the top level"
     near = near_spelling(key, cls.known_keys())

@@ -15,7 +15,8 @@ from pydantic import BeforeValidator, Field, PrivateAttr, model_validator
 from .keys import (ALIASES, AXOLOTL_ADAPTERS, AXOLOTL_OPTIMIZERS, AXOLOTL_SCHEDULERS, IGNORED_KEYS,
                                IGNORED_PREFIXES, LR_SCHEDULERS, OPTIMIZERS, RL_METHODS, UNSUPPORTED_KEYS,
                                UNSUPPORTED_PREFIXES, UNSUPPORTED_TOPIC_PREFIXES, UNSUPPORTED_TOPICS)
-from .sections import F, DatasetConfig, EBFTConfig, Section, SpecialTokens, TRLConfig, VLLMConfig
+from .sections import (F, DatasetConfig, EBFTConfig, PretrainingDataset, Section, SpecialTokens, TRLConfig, VLLMConfig,
+                       stream_entries)
 from .values import (BoolOrAuto, Choice, GradientCheckpointing, PositiveNumber, ResumeFrom, TargetModules,
                                  TextOrBool, ValSetSize, bad_value, close_match, name_check, name_list, value_text)
 
@@ -150,9 +151,14 @@ class DataKeys(Section):
     "The training and evaluation data, how it is tokenized and packed, and the chat template."
     datasets: list[DatasetConfig] | None = F(None, "training data (at least one entry)")
     test_datasets: list[DatasetConfig] | None = F(None, "evaluation data (instead of val_set_size)")
+    pretraining_dataset: Annotated[list[PretrainingDataset] | None, BeforeValidator(stream_entries)] = F(None, "raw text streamed while training, instead of `datasets:` (a corpus too large to load; needs max_steps)")
+    streaming: bool | None = F(None, "stream the training data (what `pretraining_dataset` always does)")
+    streaming_multipack_buffer_size: int = F(10_000, "documents shuffled together in a stream (the shuffle buffer)", gt=0)
+    pretrain_multipack_attn: bool = F(True, "packed streamed rows: each document attends only to itself (false: to the documents before it in the row too)")
+    pretraining_sample_concatenation: bool | None = F(None, "streamed rows without sample_packing: concatenate documents into full rows (they then attend to each other)")
     val_set_size: ValSetSize = F(0.0, "held-out evaluation rows: a fraction below 1, or a number of rows")
     dataset_prepared_path: str | None = F(None, "folder to cache the tokenized data in")
-    dataset_processes: int | None = F(None, "processes used to tokenize", gt=0)
+    dataset_processes: int | None = F(None, "processes that tokenize `datasets:` (default 1)", gt=0)
     shuffle_merged_datasets: bool = F(True, "shuffle after merging all datasets")
     dataset_exact_deduplication: bool | None = F(None, "drop rows that are exact repeats (after tokenizing), and evaluation rows that are also training rows")
     sequence_len: int = F(2048, "longest training sequence in tokens", gt=0)
@@ -318,7 +324,7 @@ class Config(MethodKeys, KernelKeys, TrackerKeys, TrainingKeys, DataKeys, Adapte
     TOPIC_PREFIXES = UNSUPPORTED_TOPIC_PREFIXES
     ALIASES = ALIASES
     SECTIONS = {"trl": TRLConfig, "ebft": EBFTConfig, "vllm": VLLMConfig, "special_tokens": SpecialTokens}
-    LIST_SECTIONS = {"datasets": DatasetConfig, "test_datasets": DatasetConfig}
+    LIST_SECTIONS = {"datasets": DatasetConfig, "test_datasets": DatasetConfig, "pretraining_dataset": PretrainingDataset}
     # the groups of top-level keys, by name, in the order a form shows them
     GROUPS: ClassVar[dict[str, type]] = {"model": ModelKeys, "adapter": AdapterKeys, "data": DataKeys,
                                          "training": TrainingKeys, "kernels": KernelKeys, "methods": MethodKeys,

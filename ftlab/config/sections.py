@@ -15,8 +15,8 @@ from .values import Choice, PositiveNumber, TargetModules, bad_value, close_matc
 from ..preference_data import FIELD_MAPPING_KEYS
 
 # %% auto #0
-__all__ = ['TrainOnEos', 'TYPE_KEYS', 'EBFT_STRIDED_ONLY', 'F', 'Section', 'SpecialTokens', 'DatasetConfig', 'TRLConfig',
-           'EBFTConfig', 'VLLMConfig']
+__all__ = ['TrainOnEos', 'TYPE_KEYS', 'STREAM_TYPES', 'EBFT_STRIDED_ONLY', 'F', 'Section', 'SpecialTokens', 'DatasetConfig',
+           'PretrainingDataset', 'stream_entries', 'TRLConfig', 'EBFTConfig', 'VLLMConfig']
 
 # %% ../../nbs/config/02_sections.ipynb #041a5cf4
 def F(default=None, desc: str = "", **kw):
@@ -189,6 +189,52 @@ TYPE_KEYS = {
     "stepwise_supervised": {"field_prompt", "step_separator", "train_on_last_step_only"},
 }
 TYPE_KEYS["bradley_terry.chat_template"] = TYPE_KEYS["chat_template.argilla_chat"] = TYPE_KEYS["chat_template.default"]
+
+# %% ../../nbs/config/02_sections.ipynb #c4473f55
+STREAM_TYPES = ("pretrain", "completion")   # what a `pretraining_dataset:` entry streams: raw text
+
+def _stream_type(v, info):
+    if v is None or v in STREAM_TYPES: return v
+    if isinstance(v, str) and (v in DATASET_TYPES or v.split(":")[0] in DATASET_TYPES or "." in v or v.startswith("@")):
+        raise bad_value(f"`pretraining_dataset` streams raw text (`type: pretrain` or `completion`); `type: {v}` rows are not raw text",
+                        "put this dataset under `datasets:` (it is then loaded whole and its format applies), or write `type: pretrain`")
+    raise bad_value(f"type must be pretrain or completion in `pretraining_dataset`; got {value_text(v)}", "write `type: pretrain`")
+
+def _stream_split(v):
+    if v is None or re.fullmatch(r"[A-Za-z_][\w.-]*", v): return v
+    raise bad_value(f"split {v!r}: a streamed dataset is read from its start, so only a split name can be given",
+                    "write `split: train` and `skip: N` to leave out the first N rows")
+
+class PretrainingDataset(Section):
+    "One entry of `pretraining_dataset:`: raw text, streamed, tokenized and packed into rows while training."
+    IGNORED = {"trust_remote_code": "datasets with loading scripts are not run; files on the Hub stream without them"}
+
+    path: str = Field(..., min_length=1, description="a file or folder (jsonl, json, parquet, csv, txt), a Hugging Face dataset id, a `datasets` builder name (`json`, with `data_files`) or `ftlab:data/NAME`")
+    name: str | None = F(None, "dataset configuration name on the Hub")
+    split: Annotated[str | None, AfterValidator(_stream_split)] = F("train", "split to stream (a name: a stream has no slices)")
+    data_files: TargetModules | None = F(None, "file(s) inside a Hub dataset or folder, or the files for a builder such as `json`")
+    ds_type: Choice("json", "csv", "parquet", "text", "arrow") | None = F(None, "file format when the extension does not say")
+    revision: str | None = F(None, "Hub revision (branch, tag or commit)")
+    text_column: str = F("text", "the column holding each document's text")
+    field: str | None = F(None, "`type: completion`'s name for the text column (the same as text_column)")
+    type: Annotated[str | None, BeforeValidator(_stream_type)] = F("pretrain", "pretrain (or completion: the same here): the whole text is trained")
+    skip: int | None = F(None, "rows to leave out from the start of this dataset", ge=0)
+
+    @model_validator(mode="after")
+    def _one_column(self):
+        if self.field is not None and "text_column" in self.model_fields_set and self.field != self.text_column:
+            raise bad_value(f"`field: {self.field}` and `text_column: {self.text_column}` name two text columns", "keep one of them")
+        return self
+
+    @property
+    def column(self) -> str:
+        "The text column (`field` where it is given, else `text_column`)."
+        return self.field or self.text_column
+
+def stream_entries(v):
+    "axolotl's spellings of `pretraining_dataset`: one hub id or path, one mapping, or a list of them."
+    if isinstance(v, (str, dict)): v = [v]
+    return [{"path": e} if isinstance(e, str) else e for e in v] if isinstance(v, list) else v
 
 # %% ../../nbs/config/02_sections.ipynb #66386c5a
 class TRLConfig(Section):

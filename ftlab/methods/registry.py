@@ -38,6 +38,7 @@ class Method:
     description: str = ""
     data: str = "sft"      # the kind of rows it trains on: a kind of `ftlab.strategies.STRATEGY_KINDS`
     packing: bool = False  # whether `sample_packing` may put several rows in one sequence
+    streams: bool = False  # whether it trains on `pretraining_dataset`: raw text streamed and packed while training
     reference: bool = False  # trains against a frozen reference (LoRA: the base, adapter off; full FT: a frozen copy)
     head: Head = LM_HEAD
     reads: tuple[str, ...] = ()

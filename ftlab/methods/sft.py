@@ -33,4 +33,4 @@ def build_sft(cfg, method, model, tokenizer, prepared, callbacks=()):
     return make_trainer(SFTTrainer, cfg, method, model, tokenizer, args, train, evalset, callbacks)
 
 register_method("sft", build_sft, description="supervised fine-tuning on prepared input_ids / labels", data="sft",
-                packing=True, panels=SFT_PANELS, rules=SFT_RULES)
+                packing=True, streams=True, panels=SFT_PANELS, rules=SFT_RULES)

@@ -398,6 +398,8 @@ def test_things_that_work_are_not_forbidden():
 
 CONCERNS = [   # (concern, a config it reports on: a fixture file or YAML text, the key it reports, error or note)
     ("check_data", "bad_test_datasets_and_val.yaml", "val_set_size", "error"),
+    ("check_stream", "bad_pretraining_no_max_steps.yaml", "pretraining_dataset", "error"),
+    ("check_stream", MINIMAL + "pretrain_multipack_attn: false\n", "pretrain_multipack_attn", "note"),
     ("check_method", "bad_packing_with_rl.yaml", "sample_packing", "error"),
     ("check_method", "bad_rl_and_reward_model.yaml", "reward_model", "error"),
     ("check_method", "bad_reward_weights.yaml", "trl.reward_weights", "error"),   # GRPO's own check, on its registry entry
@@ -417,7 +419,7 @@ CONCERNS = [   # (concern, a config it reports on: a fixture file or YAML text, 
 def test_one_check_function_per_concern():
     import ftlab.config.checks as checks
     names = [c.__name__ for c in checks.CHECKS]
-    assert names == ["check_data", "check_method", "check_generation", "check_ebft", "check_adapter", "check_precision",
+    assert names == ["check_data", "check_stream", "check_method", "check_generation", "check_ebft", "check_adapter", "check_precision",
                      "check_schedule", "check_kernels", "check_trackers"]
     assert not hasattr(checks, "_cross_checks") and {c for c, *_ in CONCERNS} == set(names) | {"check_runnable"}
     import ftlab.config as config
