@@ -78,8 +78,10 @@ def _load(args, show_notes: bool = True):
 # %% ../nbs/12_cli.ipynb #ae1cec60
 def cmd_validate(args) -> int:
     cfg = _load(args, show_notes=False)
-    print(f"ok: {args.config} is valid — method {cfg.method}, model {cfg.base_model}, "
-          f"{len(cfg.datasets or [])} dataset(s), effective batch {cfg.effective_batch_size}")
+    data = (f"streamed from {len(cfg.pretraining_dataset)} source(s)" if cfg.pretraining_dataset else
+            f"{len(cfg.datasets or [])} dataset(s)")
+    print(f"ok: {args.config} is valid — method {cfg.method}, model {cfg.base_model}, {data}, "
+          f"effective batch {cfg.effective_batch_size}")
     for n in cfg.notes: print(f"note: {n}")
     return 0
 
@@ -88,6 +90,14 @@ def cmd_preprocess(args) -> int:
     from ftlab.maskview import sample_from, sample_lines
     run = Run(_load(args))
     p = run.prepare()
+    if p.stream is not None:    # nothing to tokenize ahead: the stream is read while training
+        print(f"nothing to cache: `pretraining_dataset` is streamed, tokenized and packed while training ({p.summary()})")
+        for w in p.warnings(): print(f"warning: {w}")
+        if args.debug:
+            color = sys.stdout.isatty()
+            for i, row in enumerate(p.stream.preview(args.samples)):
+                print("\n" + "\n".join(sample_lines(sample_from(row, run.tokenizer, f"row {i}"), None, color)))
+        return 0
     print(f"prepared {'(from cache) ' if p.cached else ''}{p.report.summary()}")
     print(f"train rows {len(p.train)}" + (f", eval rows {len(p.eval)}" if p.eval is not None else "") + f" → {p.path}")
     for w in p.warnings(): print(f"warning: {w}")

@@ -29,9 +29,19 @@ def any_rank(flag: bool, device=None) -> bool:
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
 
+def gather(obj) -> list:
+    "`obj` from every rank, in rank order (`[obj]` without a launcher): a collective call, made by every rank."
+    try:
+        import torch.distributed as dist
+    except ImportError: return [obj]
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1: return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
 # %% auto #0
-__all__ = ['STATUS_DIR_ENV', 'world_size', 'rank', 'is_main', 'any_rank', 'under_launcher', 'report_status', 'read_statuses',
-           'summary', 'free_port', 'launch_command', 'launch']
+__all__ = ['STATUS_DIR_ENV', 'world_size', 'rank', 'is_main', 'any_rank', 'gather', 'under_launcher', 'report_status',
+           'read_statuses', 'summary', 'free_port', 'launch_command', 'launch']
 
 # %% ../nbs/33_distributed.ipynb #fa2b2444
 STATUS_DIR_ENV = "FTLAB_STATUS_DIR"

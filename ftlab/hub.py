@@ -19,7 +19,7 @@ def _is_hub_id(name) -> bool:
 def hub_ids(cfg) -> list[tuple[str, str, str]]:
     "The hub ids a config reads, as (key, id, kind) with kind `model` or `dataset`."
     out = [(k, getattr(cfg, k), "model") for k in ("base_model", "tokenizer_config") if _is_hub_id(getattr(cfg, k, None))]
-    for group in ("datasets", "test_datasets"):
+    for group in ("datasets", "test_datasets", "pretraining_dataset"):
         for i, ds in enumerate(getattr(cfg, group, None) or []):
             if _is_hub_id(ds.path): out.append((f"{group}[{i}].path", ds.path, "dataset"))
     trl = getattr(cfg, "trl", None)

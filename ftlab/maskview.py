@@ -12,10 +12,10 @@ from .masks import token_view, visible, ANSI, is_prompt_row
 
 # %% auto #0
 __all__ = ['STYLE', 'BADGES', 'STEP', 'STEP_MARK', 'TRAINED', 'KINDS', 'SIDES', 'ANCHOR_MARK', 'ANCHOR_STYLE', 'BLOCK_STYLE',
-           'SIDE_COLOUR', 'row_kind', 'n_trained', 'MaskSample', 'sample_from', 'token_text', 'token_title',
-           'mark_anchors', 'token_span', 'split_long', 'tokens_html', 'badge_html', 'label_badge', 'steps_note',
-           'anchors_note', 'sample_head', 'sides_html', 'sample_html', 'kind_summary', 'MaskView', 'sample_lines',
-           'sample_text', 'mask_view', 'masks_for']
+           'DOC_MARK', 'DOC_STYLE', 'SIDE_COLOUR', 'row_kind', 'n_trained', 'MaskSample', 'sample_from', 'token_text',
+           'token_title', 'mark_anchors', 'mark_documents', 'token_span', 'split_long', 'tokens_html', 'badge_html',
+           'label_badge', 'steps_note', 'documents_note', 'anchors_note', 'sample_head', 'sides_html', 'sample_html',
+           'kind_summary', 'MaskView', 'sample_lines', 'sample_text', 'mask_view', 'masks_for']
 
 # %% ../nbs/13_maskview.ipynb #b9427b97
 STYLE = {  # inline CSS per token kind; the class names (ftlab-trained, ...) are for custom themes
@@ -66,6 +66,7 @@ class MaskSample:
     anchors: list[int] | None = None      # EBFT strided: where the blocks are generated, each `block_len` tokens
     block_len: int = 0
     prompt_too_long: bool = False
+    documents: list[int] | None = None    # a packed row: the lengths of the documents in it, in order
 
     @property
     def n_tokens(self) -> int: return len(self.tokens) + sum(len(ts) for ts in self.sides.values())
@@ -120,7 +121,9 @@ def sample_from(ex: dict, tokenizer, name: str = "sample", kind: str | None = No
                          fix="a strategy must return one label per token (-100 where not trained)")
     tokens = token_view(ids, labels, tokenizer)
     if kind == "stepwise": tokens = [dict(t, kind=STEP.get(t["label"], "trained")) if t["kind"] == "trained" else t for t in tokens]
-    return MaskSample(tokens, eot_trained=ex.get("eot_trained"), **meta)
+    docs = ex.get("seq_lengths")
+    if docs is not None: tokens = mark_documents(tokens, docs)
+    return MaskSample(tokens, eot_trained=ex.get("eot_trained"), documents=None if docs is None else list(docs), **meta)
 
 # %% ../nbs/13_maskview.ipynb #8ddaeea2
 _CTRL = {c: chr(0x2400 + c) for c in range(32) if c not in (9, 10)}  # \r → ␍, \x00 → ␀, ...
@@ -147,6 +150,16 @@ def mark_anchors(tokens: list[dict], anchors, block_len: int) -> list[dict]:
         for i in range(a, min(a + block_len, len(out))): out[i]["block"] = True
     return out
 
+DOC_MARK, DOC_STYLE = "‖", "color:#b8860b;font-weight:700"             # a packed row: where the next document starts
+
+def mark_documents(tokens: list[dict], lengths) -> list[dict]:
+    "The tokens with `doc` (its number in the row) on the first token of every document after the first."
+    out, k = [dict(t) for t in tokens], 0
+    for d, n in enumerate(lengths):
+        if d and k < len(out): out[k]["doc"] = d + 1
+        k += n
+    return out
+
 def token_span(t: dict, pos: int) -> str:
     "One token as a `<span>` with inline style, class names and a hover title."
     body, breaks = token_text(t["text"])
@@ -155,6 +168,9 @@ def token_span(t: dict, pos: int) -> str:
     anchor = (f'<span class="ftlab-anchor" style="{ANCHOR_STYLE}" title="anchor {t["anchor"]}: a block is generated '
               f'here in place of the underlined tokens">{ANCHOR_MARK}</span>') if "anchor" in t else ""
     block = f";{BLOCK_STYLE}" if t.get("block") else ""
+    if "doc" in t:
+        anchor += (f'<span class="ftlab-doc" style="{DOC_STYLE}" title="document {t["doc"]} of this row starts here: it '
+                   f'does not attend to the documents before it">{DOC_MARK}</span>')
     return (f'{anchor}<span class="ftlab-tok ftlab-{t["kind"]}" style="{STYLE[t["kind"]]}{block}" '
             f'title="{html.escape(token_title(t, pos))}">{html.escape(body, quote=False)}</span>{mark}{breaks}')
 
@@ -212,7 +228,12 @@ def _head_note(s: MaskSample) -> str:
     if s.kind == "unpaired": return f"prompt {len(s.tokens)} tokens, completion {len(s.sides['completion'])}"
     if s.kind == "prompts": return f"prompt {len(s.tokens)} tokens · completions are generated during training"
     if s.anchors is not None: return f"{_trained_note(s.n_trained, s.n_tokens)} · {anchors_note(s)}"
+    if s.documents is not None: return f"{_trained_note(s.n_trained, s.n_tokens)} · {documents_note(s)}"
     return _trained_note(s.n_trained, s.n_tokens)
+
+def documents_note(s: MaskSample) -> str:
+    "`3 documents (‖ where each starts)` for a packed row."
+    return f"{_n(len(s.documents), 'document')} ({DOC_MARK} where each starts)"
 
 def anchors_note(s: MaskSample) -> str:
     "`5 anchors (▸), blocks of 8 tokens` for a strided EBFT row."
@@ -226,6 +247,7 @@ def sample_head(s: MaskSample) -> str:
         pct = 100 * s.n_trained / max(s.n_tokens, 1)
         note = f'<b>{s.n_trained}</b>/{s.n_tokens} tokens trained ({pct:.0f}%)'
         if s.anchors is not None: note += f" · {html.escape(anchors_note(s))}"
+        if s.documents is not None: note += f" · {html.escape(documents_note(s))}"
     else: note = html.escape(_head_note(s))
     lab = label_badge(s)
     return (f'<div class="ftlab-sample-head" style="font-size:12px;margin-bottom:3px">{where}'
@@ -392,6 +414,7 @@ def sample_text(tokens: list[dict], max_tokens: int | None = 400, color: bool = 
         for t in ts:
             s, k = visible(t["text"]).translate(_CTRL), t["kind"]
             if "anchor" in t: out.append(ANCHOR_MARK)
+            if "doc" in t: out.append(DOC_MARK)
             mark = _MARK.get(k, "")
             if color:
                 body = s.rstrip("\n")
@@ -437,6 +460,13 @@ def masks_for(prepared, tokenizer, n: int = 3, start: int = 0, split: str = "tra
     ds = getattr(prepared, split)
     if ds is None:
         raise FtlabError("there is no eval split to show", fix="set `val_set_size` or `test_datasets`, or show `train`")
+    stream = getattr(prepared, "stream", None)
+    if split == "train" and stream is not None:   # rows made while training: the first ones, as the trainer gets them
+        if start < 0: raise FtlabError(f"row {start} is out of range", fix="use a start of 0 or more")
+        rows = stream.preview(start + max(n, 0))[start:]
+        title = (f"Label masks · the stream's rows {start}–{start + len(rows) - 1} (of one process)" if rows else "Label masks · train")
+        return mask_view(rows, tokenizer, warnings=prepared.warnings(), title=f"{title} · {prepared.summary()}",
+                         max_tokens=max_tokens, kind=kind, anchors=anchors)
     total = len(ds)
     if start < 0 or (start >= total and n > 0):
         raise FtlabError(f"row {start} is out of range: the {split} split has {total} rows", fix=f"use a start below {total}")

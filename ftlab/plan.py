@@ -33,6 +33,8 @@ class Plan:
     memory_gb: dict = field(default_factory=dict)
     processes: int = 1
     warnings: list = field(default_factory=list)
+    stream: str | None = None            # what a streamed `pretraining_dataset` is (its rows have no count)
+    tokens_per_step: int | None = None   # a stream: tokens each optimizer step trains, across processes
 
     def rows(self) -> list[tuple[str, str]]:
         pct = 100 * self.params_trainable / max(self.params_total, 1)
@@ -42,14 +44,21 @@ class Plan:
             ("model", f"{self.model} · {_human(self.params_total)} parameters · {self.dtype}"
                       + (f" · {self.quantization} weights" if self.quantization else "")),
             ("trainable", f"{_human(self.params_trainable)} ({pct:.2f}%)" + (f" · {self.adapter}" if self.adapter else " · full fine-tune")),
-            ("data", f"{self.train_rows} train rows" + (f", {self.eval_rows} eval" if self.eval_rows else "")
-                     + f" · {self.tokens:,} tokens, {self.trained_tokens:,} trained"),
+            ("data", self._data()),
             ("batch", f"effective {self.effective_batch}" + (f" ({self.processes} processes)" if self.processes > 1 else "")
-                      + f" · {self.steps_per_epoch} steps/epoch · {self.total_steps} steps"),
+                      + (f" · {self.steps_per_epoch} steps/epoch" if self.stream is None else "") + f" · {self.total_steps} steps"
+                      + (f" · {self.tokens_per_step:,} tokens per step, {self.tokens_per_step * self.total_steps:,} in all"
+                         if self.tokens_per_step else "")),
             ("memory (est.)", f"≈ {mem.get('total', 0):.2f} GB = weights {mem.get('weights', 0):.2f} + optimizer & grads "
                               f"{mem.get('optimizer', 0):.2f} + activations {mem.get('activations', 0):.2f}"
                               + (f" · CPU memory for offloaded activations {mem['host']:.2f} GB" if "host" in mem else "")),
         ]
+
+    def _data(self) -> str:
+        if self.stream is not None:
+            return self.stream + " · no row count: `max_steps` ends it" + (f" · {self.eval_rows} eval rows" if self.eval_rows else "")
+        return (f"{self.train_rows} train rows" + (f", {self.eval_rows} eval" if self.eval_rows else "")
+                + f" · {self.tokens:,} tokens, {self.trained_tokens:,} trained")
 
     def __str__(self):
         w = max(len(k) for k, _ in self.rows())
@@ -128,15 +137,20 @@ def make_plan(cfg, prepared, processes: int | None = None) -> Plan:
     from ftlab.methods import steps_per_epoch
     dtype = training_dtype(cfg)
     trainable, total, mcfg = count_params(cfg)
-    rep = prepared.report
-    rows = len(prepared.train)
-    if cfg.sample_packing:  # packed sequences, not rows, make up the batches
-        rows = max(1, math.ceil(sum(len(x) for x in prepared.train["input_ids"]) / cfg.sequence_len))
-    spe = steps_per_epoch(cfg, rows, processes)
-    steps = cfg.max_steps or math.ceil(spe * cfg.num_epochs)
+    rep, stream = prepared.report, getattr(prepared, "stream", None)
+    batch = cfg.effective_batch_size * processes
+    if stream is not None:   # rows made while training: no count, `max_steps` steps of full rows
+        rows, spe, steps = 0, cfg.max_steps, cfg.max_steps
+    else:
+        rows = len(prepared.train)
+        if cfg.sample_packing:  # packed sequences, not rows, make up the batches
+            rows = max(1, math.ceil(sum(len(x) for x in prepared.train["input_ids"]) / cfg.sequence_len))
+        spe = steps_per_epoch(cfg, rows, processes)
+        steps = cfg.max_steps or math.ceil(spe * cfg.num_epochs)
     return Plan(method=cfg.method, model=cfg.base_model, dtype=dtype, quantization=cfg.quantization, adapter=cfg.adapter,
-                params_total=total, params_trainable=trainable, train_rows=len(prepared.train),
+                params_total=total, params_trainable=trainable, train_rows=len(prepared.train) if stream is None else 0,
                 eval_rows=len(prepared.eval) if prepared.eval is not None else 0, tokens=rep.tokens,
-                trained_tokens=rep.trained_tokens, effective_batch=cfg.effective_batch_size * processes, steps_per_epoch=spe,
+                trained_tokens=rep.trained_tokens, effective_batch=batch, steps_per_epoch=spe,
                 total_steps=steps, memory_gb=estimate_memory(cfg, mcfg, trainable, total, dtype),
-                warnings=prepared.warnings(), processes=processes)
+                warnings=prepared.warnings(), processes=processes, stream=stream.describe() if stream is not None else None,
+                tokens_per_step=cfg.sequence_len * batch if stream is not None and stream.packed else None)

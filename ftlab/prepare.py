@@ -17,7 +17,7 @@ from .chat_templates import markers_note
 
 # %% auto #0
 __all__ = ['META', 'CACHE_FORMAT', 'data_kind', 'tokenize_dataset', 'tokenizer_fingerprint', 'load_sources', 'cache_key',
-           'prepared_root', 'Prepared', 'deduplicate', 'prepare_datasets']
+           'prepared_root', 'Prepared', 'deduplicate', 'prepare_stream', 'prepare_datasets']
 
 # %% ../nbs/07_prepare.ipynb #d86540d6
 META = ["truncated", "eot_trained", "source", "row"]
@@ -147,14 +147,22 @@ def prepared_root(cfg) -> Path:
 # %% ../nbs/07_prepare.ipynb #0e8223d4
 @dataclass
 class Prepared:
-    "Prepared data: `train` and `eval` as `datasets.Dataset` (input_ids, labels, meta), and the mask report."
+    """Prepared data: `train` and `eval` as `datasets.Dataset` (input_ids, labels, meta), and the mask report. For
+    `pretraining_dataset`, `stream` is the `ftlab.stream.Stream` and `train` its rows as a `datasets.IterableDataset`
+    (no length: they are made while training)."""
     train: object
     eval: object | None
     report: MaskReport
     path: Path | None = None
     cached: bool = False
+    stream: object | None = None
 
     def warnings(self) -> list[str]: return self.report.warnings()
+
+    def summary(self) -> str:
+        "The data in one line: the report's counts, or what the stream is."
+        if self.stream is None: return self.report.summary()
+        return self.stream.describe() + (f"; {len(self.eval)} eval rows" if self.eval is not None else "")
 
 def deduplicate(rows: list[dict], seen: set | None = None) -> tuple[list[dict], set]:
     "`rows` without exact repeats (same tokens, labels and fields; where a row came from aside), first kept; and the keys seen."
@@ -192,9 +200,19 @@ def _build(cfg, tokenizer, namespace, raws):
         train, evalset = split["train"], split["test"]
     return train, evalset, report
 
-def prepare_datasets(cfg, tokenizer, namespace=None, use_cache: bool = True) -> Prepared:
-    "Tokenize, check, split and cache the config's datasets."
+def prepare_stream(cfg, tokenizer, namespace=None) -> Prepared:
+    """`pretraining_dataset` as a stream, each source opened and its first row checked, with `test_datasets` tokenized
+    for evaluation. Nothing is cached: the stream is read, tokenized and packed while training."""
     import datasets
+    from ftlab.stream import Stream
+    stream = Stream(cfg, tokenizer).check()
+    test = [ex for d in cfg.test_datasets or [] for ex in tokenize_dataset(d, cfg, tokenizer, namespace) if trains(ex)]
+    return Prepared(stream.dataset(), datasets.Dataset.from_list(test) if test else None, MaskReport(), stream=stream)
+
+def prepare_datasets(cfg, tokenizer, namespace=None, use_cache: bool = True) -> Prepared:
+    "Tokenize, check, split and cache the config's datasets (for `pretraining_dataset`: see `prepare_stream`)."
+    import datasets
+    if cfg.pretraining_dataset: return prepare_stream(cfg, tokenizer, namespace)
     raws = load_sources(cfg, namespace)
     key = cache_key(cfg, tokenizer, namespace, raws)
     path = prepared_root(cfg) / key

@@ -59,9 +59,10 @@ class Run:
             self.phase(f"loading the tokenizer of {self.cfg.base_model}")
             self.tokenizer = load_tokenizer(self.cfg)
             n = len(self.cfg.datasets or []) + len(self.cfg.test_datasets or [])
-            self.phase(f"preparing {n} dataset{'s' if n != 1 else ''}")
+            k = len(self.cfg.pretraining_dataset or [])
+            self.phase(f"opening the stream ({k} source{'s' if k != 1 else ''})" if k else f"preparing {n} dataset{'s' if n != 1 else ''}")
             self.prepared = prepare_datasets(self.cfg, self.tokenizer, self.namespace)
-            self.phase(f"data{' (from cache)' if self.prepared.cached else ''}: {self.prepared.report.summary()}")
+            self.phase(f"data{' (from cache)' if self.prepared.cached else ''}: {self.prepared.summary()}")
             self.state = "prepared"
         return self.prepared
 
@@ -170,6 +171,7 @@ def _fit(self, cfg, method, prepared, extra, ckpt, stop, callbacks):
     from ftlab.model import load_model, load_adapter, apply_kernels, attention_note, freeze_parameters, long_context_callback
     from ftlab.health import HealthMonitor
     from ftlab.methods.common import liger_note
+    from ftlab.stream import StreamFollower
     transformers.set_seed(cfg.seed)
     self.phase(f"loading the model {cfg.base_model}" + (f" ({cfg.adapter})" if cfg.adapter else " (full fine-tuning)"))
     model = load_model(cfg, self.tokenizer, method.head)
@@ -180,8 +182,10 @@ def _fit(self, cfg, method, prepared, extra, ckpt, stop, callbacks):
     self.loaded = None  # a model loaded earlier for chat() is not the one about to be trained
     self.phase(f"building the {cfg.method} trainer")
     self.trainer = trainer = method.build(cfg, method, model, self.tokenizer, prepared, [events, *callbacks, stop], **extra)
-    atomic_checkpoints(trainer)
-    for note in (attention_note(cfg), frozen, apply_kernels(cfg, trainer.model), liger_note(cfg)):
+    follower = StreamFollower(trainer, prepared.stream) if prepared.stream is not None else None
+    atomic_checkpoints(trainer, [follower.save] if follower else [])
+    resumed = follower.restore(ckpt) if follower and ckpt else None   # the stream goes on where the checkpoint left it
+    for note in (attention_note(cfg), frozen, apply_kernels(cfg, trainer.model), liger_note(cfg), resumed):
         if note: self.emit({"event": "note", "step": 0, "message": note})
     long_ctx = long_context_callback(cfg, self.emit) if cfg.offload_activations or cfg.tiled_mlp else None
     if long_ctx: trainer.add_callback(long_ctx)

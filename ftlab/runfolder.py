@@ -113,8 +113,10 @@ def disk_full_error(folder, what: str) -> DiskFullError:
                     key="output_dir", fix="free some space (or lower `save_total_limit`), or train into an "
                                           "`output_dir` on a larger disk; then resume")
 
-def atomic_checkpoints(trainer):
-    "Make `trainer` write each checkpoint under `.saving/` and rename it into place once it is complete."
+def atomic_checkpoints(trainer, extras=()):
+    """Make `trainer` write each checkpoint under `.saving/` and rename it into place once it is complete. Each of
+    `extras` is called as `write(folder, main)` on every process while the checkpoint is still in `.saving/`, to add its
+    own files (the stream's position)."""
     from transformers.trainer_utils import rotate_checkpoints
     save = trainer._save_checkpoint            # the method's own save (TRL's trainers add files to it)
     def save_complete(model, trial=None, *args, **kw):
@@ -129,6 +131,7 @@ def atomic_checkpoints(trainer):
         trainer._get_output_dir = lambda trial=None: str(staging)
         try:
             save(model, trial, *args, **kw)
+            for write in extras: write(staging / name, main)
             if main: _fsync_tree(staging / name)
         except Exception as e:
             if main: shutil.rmtree(staging, ignore_errors=True)

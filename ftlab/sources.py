@@ -10,7 +10,8 @@ from .errors import FtlabError, DataError
 from .assets import is_embedded, embedded_path
 
 # %% auto #0
-__all__ = ['EXTENSION_TYPES', 'from_object', 'utf8_problem', 'file_problem', 'load_source', 'source_fingerprint']
+__all__ = ['EXTENSION_TYPES', 'from_object', 'utf8_problem', 'file_problem', 'local_path', 'check_folder', 'file_kind',
+           'is_saved_dataset', 'load_error', 'load_source', 'source_fingerprint']
 
 # %% ../nbs/04_sources.ipynb #67bc8c6a
 EXTENSION_TYPES = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text", ".arrow": "arrow"}
@@ -86,6 +87,41 @@ def file_problem(path, kind: str | None) -> str | None:
     return None
 
 # %% ../nbs/04_sources.ipynb #cd34e514
+def local_path(path: str) -> Path | None:
+    "The file or folder a dataset `path` names on this machine (`ftlab:` assets too); None for a hub id or a builder name."
+    local = embedded_path(path) if is_embedded(path) else Path(path).expanduser()
+    if local.exists(): return local
+    if path.startswith((".", "/", "~")) or Path(path).suffix.lower() in EXTENSION_TYPES:
+        raise DataError(f"no such file or folder: `{path}`", fix="check the path (relative paths start from the current directory)")
+    return None
+
+def check_folder(local: Path, path: str, data_files=None):
+    """Stop, saying what a folder holds, when it has no data files: `datasets` would guess at it (a `task.toml` makes it
+    look for `instruction.md`)."""
+    if data_files or any(p.suffix.lower() in EXTENSION_TYPES for p in local.rglob("*") if p.is_file()): return
+    have = sorted(p.name for p in local.iterdir())[:6]
+    raise DataError(f"the folder `{path}` holds no data files (.jsonl, .json, .csv, .parquet, .txt, .arrow)"
+                    + (f"; it has {', '.join(have)}" if have else "; it is empty"),
+                    fix="point `path` at the data file, or at a folder of data files")
+
+def file_kind(local: Path, ds_type: str | None = None) -> str:
+    "The `datasets` builder that reads a data file: `ds_type`, else its extension's."
+    kind = ds_type or EXTENSION_TYPES.get(local.suffix.lower())
+    if kind is None: raise DataError(f"cannot tell the format of `{local.name}`", fix="set `ds_type: json|csv|parquet|text`")
+    return kind
+
+def is_saved_dataset(local: Path) -> bool:
+    "Whether a folder holds a dataset written by `save_to_disk`."
+    return local.is_dir() and (local / "dataset_info.json").exists() and (local / "state.json").exists()
+
+def load_error(path, e: Exception, local: Path | None = None, kind: str | None = None) -> DataError:
+    "One message for a dataset that fails to load: the broken line of a local file, else the library's first line."
+    found = file_problem(local, kind) if local is not None and local.is_file() else None
+    if found: return DataError(f"cannot load dataset `{path}`: {found}", fix="correct the file (or leave the broken rows out)")
+    msg = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+    return DataError(f"cannot load dataset `{path}`: {msg}",
+                     fix="check the path or hub id, `name`, `split` and `data_files`; hub datasets need the network")
+
 def load_source(ds_cfg, namespace: dict | None = None):
     "Load the rows of one `datasets:` entry as a `datasets.Dataset`."
     import datasets
@@ -98,29 +134,18 @@ def load_source(ds_cfg, namespace: dict | None = None):
                 raise DataError(f"`{path}` is not defined in the notebook", fix=f"define `{path[1:]}` in a cell above")
             return _split_slice(from_object(ns[path[1:]], path), split)
         if not isinstance(path, str): return _split_slice(from_object(path), split)
-        local = embedded_path(path) if is_embedded(path) else Path(path).expanduser()
-        if local.exists():
-            if local.is_dir() and (local / "dataset_info.json").exists() and (local / "state.json").exists():
-                return _split_slice(datasets.load_from_disk(str(local)), split)
-            if local.is_dir():
-                # A folder without data files would be guessed at by `datasets` (a `task.toml` makes it look for
-                # `instruction.md`): say what the folder holds instead.
-                if not ds_cfg.data_files and not any(p.suffix.lower() in EXTENSION_TYPES for p in local.rglob("*") if p.is_file()):
-                    have = sorted(p.name for p in local.iterdir())[:6]
-                    raise DataError(f"the folder `{path}` holds no data files (.jsonl, .json, .csv, .parquet, .txt, .arrow)"
-                                    + (f"; it has {', '.join(have)}" if have else "; it is empty"),
-                                    fix="point `path` at the data file, or at a folder of data files")
-                ds = datasets.load_dataset(str(local), data_files=ds_cfg.data_files, split=split or "train")
-            else:
-                kind = ds_cfg.ds_type or EXTENSION_TYPES.get(local.suffix.lower())
-                if kind is None:
-                    raise DataError(f"cannot tell the format of `{local.name}`", fix="set `ds_type: json|csv|parquet|text`")
-                bad = utf8_problem(local) if kind in ("json", "csv", "text") else None
-                if bad: raise DataError(f"cannot load dataset `{path}`: {bad}", fix="save the file as UTF-8 text")
-                ds = datasets.load_dataset(kind, data_files=str(local), split=split or "train")
+        local = local_path(path)
+        if local is not None and is_saved_dataset(local):
+            return _split_slice(datasets.load_from_disk(str(local)), split)
+        if local is not None and local.is_dir():
+            check_folder(local, path, ds_cfg.data_files)
+            ds = datasets.load_dataset(str(local), data_files=ds_cfg.data_files, split=split or "train")
+        elif local is not None:
+            kind = file_kind(local, ds_cfg.ds_type)
+            bad = utf8_problem(local) if kind in ("json", "csv", "text") else None
+            if bad: raise DataError(f"cannot load dataset `{path}`: {bad}", fix="save the file as UTF-8 text")
+            ds = datasets.load_dataset(kind, data_files=str(local), split=split or "train")
         else:
-            if path.startswith((".", "/", "~")) or Path(path).suffix.lower() in EXTENSION_TYPES:
-                raise DataError(f"no such file or folder: `{path}`", fix="check the path (relative paths start from the current directory)")
             ds = datasets.load_dataset(path, name=ds_cfg.name, data_files=ds_cfg.data_files, split=split or "train",
                                        revision=ds_cfg.revision)
     except FtlabError as e:
@@ -128,13 +153,7 @@ def load_source(ds_cfg, namespace: dict | None = None):
             for p in e.problems: p.source = str(path)
         raise
     except Exception as e:
-        found = file_problem(local, ds_cfg.ds_type or EXTENSION_TYPES.get(local.suffix.lower())) \
-            if isinstance(path, str) and local.is_file() else None
-        if found: raise DataError(f"cannot load dataset `{path}`: {found}",
-                                  fix="correct the file (or leave the broken rows out)") from None
-        msg = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
-        raise DataError(f"cannot load dataset `{path}`: {msg}",
-                        fix="check the path or hub id, `name`, `split` and `data_files`; hub datasets need the network") from None
+        raise load_error(path, e, local, ds_cfg.ds_type or (EXTENSION_TYPES.get(local.suffix.lower()) if local else None)) from None
     if isinstance(ds, datasets.DatasetDict): ds = ds["train"]
     if ds_cfg.shards: ds = ds.shard(num_shards=ds_cfg.shards, index=ds_cfg.shards_idx or 0)
     if len(ds) == 0: raise DataError(f"dataset `{path}` has no rows", fix="check `split` and the file")

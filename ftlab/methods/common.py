@@ -19,11 +19,12 @@ def steps_per_epoch(cfg, n_rows: int, processes: int | None = None) -> int:
     per_step = cfg.micro_batch_size * cfg.gradient_accumulation_steps * (processes or world_size())
     return max(1, math.ceil(n_rows / per_step))
 
-def training_args(cfg, n_train: int, has_eval: bool) -> dict:
-    "Keyword arguments shared by every TRL config class (SFTConfig, DPOConfig, ...)."
+def training_args(cfg, n_train: int | None, has_eval: bool) -> dict:
+    """Keyword arguments shared by every TRL config class (SFTConfig, DPOConfig, ...). `n_train` None: a stream, whose
+    one "epoch" is `max_steps` (so `saves_per_epoch` and `evals_per_epoch` count over the whole run)."""
     from ftlab.model import device_info, training_dtype
     dev, dtype = device_info(), training_dtype(cfg)
-    spe = steps_per_epoch(cfg, n_train)
+    spe = steps_per_epoch(cfg, n_train) if n_train is not None else (cfg.max_steps or 1)
     eval_steps = cfg.eval_steps or (max(1, spe // cfg.evals_per_epoch) if cfg.evals_per_epoch else None)
     if cfg.evals_per_epoch == 0 and not cfg.eval_steps: has_eval = False   # axolotl's `evals_per_epoch: 0`: no evaluation
     save_steps = cfg.save_steps or (max(1, spe // cfg.saves_per_epoch) if cfg.saves_per_epoch else None)
@@ -123,7 +124,8 @@ def lr_lambda(cfg):
 # %% ../../nbs/methods/01_common.ipynb #268ecbb8
 def trainer_args(cfg, train, evalset, **method_kw) -> dict:
     "Keyword arguments of a TRL config: the shared training arguments and the method's own (None values left out)."
-    return dict(**training_args(cfg, len(train), evalset is not None), remove_unused_columns=False,
+    n_train = len(train) if hasattr(train, "__len__") else None    # a stream has no length
+    return dict(**training_args(cfg, n_train, evalset is not None), remove_unused_columns=False,
                 **{k: v for k, v in method_kw.items() if v is not None})
 
 def select(ds, columns):

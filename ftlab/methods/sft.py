@@ -24,7 +24,15 @@ SFT_PANELS = [
 
 def build_sft(cfg, method, model, tokenizer, prepared, callbacks=()):
     from trl import SFTConfig, SFTTrainer
-    train, evalset = select(prepared.train, TRAIN_COLUMNS), select(prepared.eval, TRAIN_COLUMNS)
+    evalset = select(prepared.eval, TRAIN_COLUMNS)
+    if prepared.stream is not None:
+        # Streamed rows come packed, with their documents' lengths (`seq_lengths`, as TRL's own packing writes them):
+        # TRL prepares nothing, and its padding-free collator restarts position_ids at each document.
+        train, packed = prepared.train, prepared.stream.packed
+        args = SFTConfig(**trainer_args(cfg, train, evalset), max_length=cfg.sequence_len, packing=packed,
+                         packing_strategy="bfd", padding_free=packed, dataset_kwargs={"skip_prepare_dataset": True})
+        return make_trainer(SFTTrainer, cfg, method, model, tokenizer, args, train, evalset, callbacks)
+    train = select(prepared.train, TRAIN_COLUMNS)
     packing = bool(cfg.sample_packing)
     eval_packing = cfg.eval_sample_packing if cfg.eval_sample_packing is not None else cfg.sample_packing
     args = SFTConfig(**trainer_args(cfg, train, evalset), max_length=cfg.sequence_len, packing=packing,
