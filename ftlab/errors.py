@@ -41,6 +41,9 @@ class FtlabError(Exception):
         if message is not None: self.problems.insert(0, Problem(message, fix=fix, **where))
         super().__init__(str(self))
 
+    def __reduce__(self):   # to another process (a worker's error) with every problem, not only its text
+        return (type(self), (), {"problems": self.problems})
+
     def __str__(self):
         if len(self.problems) == 1: return str(self.problems[0])
         head = f"{len(self.problems)} problems:"

@@ -414,7 +414,9 @@ def sample_text(tokens: list[dict], max_tokens: int | None = 400, color: bool = 
         for t in ts:
             s, k = visible(t["text"]).translate(_CTRL), t["kind"]
             if "anchor" in t: out.append(ANCHOR_MARK)
-            if "doc" in t: out.append(DOC_MARK)
+            if "doc" in t:      # outside the brackets: it marks a place, not a token
+                if open_ and not color: close(out); open_ = False
+                out.append(DOC_MARK)
             mark = _MARK.get(k, "")
             if color:
                 body = s.rstrip("\n")

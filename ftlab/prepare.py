@@ -16,8 +16,9 @@ from .prompt_data import infer_prompt_type
 from .chat_templates import markers_note
 
 # %% auto #0
-__all__ = ['META', 'CACHE_FORMAT', 'data_kind', 'tokenize_dataset', 'tokenizer_fingerprint', 'load_sources', 'cache_key',
-           'prepared_root', 'Prepared', 'deduplicate', 'prepare_stream', 'prepare_datasets']
+__all__ = ['META', 'MIN_CHUNK', 'CACHE_FORMAT', 'data_kind', 'tokenize_dataset', 'strategy_rows', 'run_strategy',
+           'tokenizer_fingerprint', 'load_sources', 'cache_key', 'prepared_root', 'Prepared', 'deduplicate',
+           'prepare_stream', 'prepare_datasets']
 
 # %% ../nbs/07_prepare.ipynb #d86540d6
 META = ["truncated", "eot_trained", "source", "row"]
@@ -78,15 +79,9 @@ def tokenize_dataset(ds_cfg, cfg, tokenizer, namespace=None, report: MaskReport 
             raise DataError(f"the transform's rows have columns {', '.join(cols)}, which no strategy reads", source=source,
                             fix=f"return {want}")
         strategy = strategies_for(kind)[name]
-    ctx = StrategyContext(tokenizer, ds_cfg, cfg)
+    got, notes, templated = run_strategy(strategy, rows, ds_cfg, cfg, tokenizer, source, cfg.dataset_processes)
     out = []
-    for i, row in enumerate(rows):
-        try: exs = strategy(row, ctx)
-        except FtlabError as e:
-            raise DataError(f"row {i}: {e.problems[0].message}", fix=e.problems[0].fix, source=source) from None
-        except Exception as e:
-            raise DataError(f"row {i}: {type(e).__name__}: {e}", source=source,
-                            fix="check this row against the dataset `type`") from None
+    for i, exs in got:
         for ex in exs:
             roles = ex.pop("unknown_roles", None)
             if roles and report is not None: report.unknown_roles.append(f"{source}#{i} ({', '.join(roles)})")
@@ -94,12 +89,58 @@ def tokenize_dataset(ds_cfg, cfg, tokenizer, namespace=None, report: MaskReport 
             if report is not None: report.add(ex, f"{source}#{i}")
             out.append(ex)
     if report is not None:
-        if "template" in ctx.__dict__ and ctx.template:   # the strategy rendered with a chat template
+        if templated:   # the strategy rendered with a chat template
             name = getattr(ds_cfg, "chat_template", None) or cfg.chat_template
             what = f"`chat_template: {name}`" if name and name not in ("jinja", "tokenizer_default") else "the chat template"
-            ctx.notes.append(markers_note(tokenizer, ctx.template, what))
-        report.notes += [n for n in dict.fromkeys(ctx.notes) if n and n not in report.notes]
+            notes.append(markers_note(tokenizer, StrategyContext(tokenizer, ds_cfg, cfg).template, what))
+        report.notes += [n for n in dict.fromkeys(notes) if n and n not in report.notes]
     return out
+
+def strategy_rows(strategy, rows, ctx, source: str, start: int = 0) -> list[tuple[int, list[dict]]]:
+    "(row index, its examples) for each row, numbered from `start`; a row that breaks the strategy stops with its index."
+    out = []
+    for i, row in enumerate(rows, start):
+        try: out.append((i, strategy(row, ctx)))
+        except FtlabError as e:
+            raise DataError(f"row {i}: {e.problems[0].message}", fix=e.problems[0].fix, source=source) from None
+        except Exception as e:
+            raise DataError(f"row {i}: {type(e).__name__}: {e}", source=source,
+                            fix="check this row against the dataset `type`") from None
+    return out
+
+MIN_CHUNK = 32      # rows per worker below which another process costs more than it saves
+_POOL: dict = {}    # what a worker process was given (set by its initializer)
+
+def _pool_start(strategy, rows, ds_cfg, cfg, tokenizer, source):
+    _POOL.update(strategy=strategy, rows=rows, ds_cfg=ds_cfg, cfg=cfg, tokenizer=tokenizer, source=source)
+
+def _pool_chunk(bounds):
+    (a, b), w = bounds, _POOL
+    rows = w["rows"].select(range(a, b)) if hasattr(w["rows"], "select") else w["rows"][a:b]
+    ctx = StrategyContext(w["tokenizer"], w["ds_cfg"], w["cfg"])
+    return strategy_rows(w["strategy"], rows, ctx, w["source"], a), ctx.notes, "template" in ctx.__dict__ and bool(ctx.template)
+
+def run_strategy(strategy, rows, ds_cfg, cfg, tokenizer, source: str, processes: int | None = 1):
+    """(each row's examples in row order, the strategy's notes, whether it rendered a chat template), in up to
+    `processes` worker processes (`dataset_processes`); the same result as one process, row for row."""
+    n = len(rows)
+    procs = min(processes or 1, os.cpu_count() or 1, n // MIN_CHUNK)
+    if procs <= 1:
+        ctx = StrategyContext(tokenizer, ds_cfg, cfg)
+        return strategy_rows(strategy, rows, ctx, source), ctx.notes, "template" in ctx.__dict__ and bool(ctx.template)
+    import concurrent.futures, multiprocessing
+    k = procs * 4                                          # more chunks than workers: a slow chunk does not hold the others
+    bounds = [(n * j // k, n * (j + 1) // k) for j in range(k)]
+    mp = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else None)
+    quiet = "TOKENIZERS_PARALLELISM" not in os.environ     # a forked worker would warn that the tokenizer's threads stop
+    if quiet: os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    try:
+        with concurrent.futures.ProcessPoolExecutor(procs, mp_context=mp, initializer=_pool_start,
+                                                    initargs=(strategy, rows, ds_cfg, cfg, tokenizer, source)) as pool:
+            parts = list(pool.map(_pool_chunk, bounds))
+    finally:
+        if quiet: del os.environ["TOKENIZERS_PARALLELISM"]
+    return [x for p in parts for x in p[0]], [m for p in parts for m in p[1]], any(p[2] for p in parts)
 
 # %% ../nbs/07_prepare.ipynb #1fa5b46c
 def tokenizer_fingerprint(tok) -> str:
