@@ -10,8 +10,8 @@ from .errors import FtlabError, DataError
 from .assets import is_embedded, embedded_path
 
 # %% auto #0
-__all__ = ['EXTENSION_TYPES', 'from_object', 'utf8_problem', 'file_problem', 'local_path', 'check_folder', 'file_kind',
-           'is_saved_dataset', 'load_error', 'load_source', 'source_fingerprint']
+__all__ = ['EXTENSION_TYPES', 'CHECKED_BYTES', 'from_object', 'utf8_problem', 'file_problem', 'local_path', 'check_folder',
+           'file_kind', 'is_saved_dataset', 'load_error', 'load_source', 'source_fingerprint']
 
 # %% ../nbs/04_sources.ipynb #67bc8c6a
 EXTENSION_TYPES = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text", ".arrow": "arrow"}
@@ -114,9 +114,12 @@ def is_saved_dataset(local: Path) -> bool:
     "Whether a folder holds a dataset written by `save_to_disk`."
     return local.is_dir() and (local / "dataset_info.json").exists() and (local / "state.json").exists()
 
+CHECKED_BYTES = 1 << 28    # files up to this size are read whole to find the broken line; larger ones (a corpus) are not
+
 def load_error(path, e: Exception, local: Path | None = None, kind: str | None = None) -> DataError:
     "One message for a dataset that fails to load: the broken line of a local file, else the library's first line."
-    found = file_problem(local, kind) if local is not None and local.is_file() else None
+    small = local is not None and local.is_file() and local.stat().st_size <= CHECKED_BYTES
+    found = file_problem(local, kind) if small else None
     if found: return DataError(f"cannot load dataset `{path}`: {found}", fix="correct the file (or leave the broken rows out)")
     msg = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
     return DataError(f"cannot load dataset `{path}`: {msg}",

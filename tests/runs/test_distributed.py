@@ -102,3 +102,32 @@ def test_a_mistake_found_by_the_workers_is_one_message_with_the_ranks(tmp_path):
     assert "error (ranks 0, 1): key `trl.reward_funcs`: reward function `flaky` raised KeyError at step 2" in r.stderr
     assert r.stderr.count("raised KeyError") == 1 and "Traceback" not in r.stderr and "ChildFailedError" not in r.stderr
     assert "training: 3 steps on 2 processes" in r.stdout and "step 1 · loss" in r.stdout
+
+
+def test_two_processes_stream_their_own_rows_and_save_where_each_stands(tmp_path):
+    """`pretraining_dataset` on two processes: each trains rows of its own share of the documents, and the checkpoint
+    holds each process's position: the one after exactly the rows that process's stream gives first."""
+    import json
+    from itertools import islice
+    from ftlab.config import load_config
+    from ftlab.stream import STATE_FILE, STATE_KEY, Stream
+    from ftlab.tokenizer import load_tokenizer
+    words = "the cat sat on a mat while rain fell over old hills and quiet rivers".split()
+    (tmp_path / "corpus.jsonl").write_text("".join(
+        json.dumps({"text": f"Story {i}: " + " ".join(words[(i * 5 + k) % len(words)] for k in range(3 + i % 19))}) + "\n"
+        for i in range(60)))
+    cfg = tmp_path / "stream.yaml"
+    cfg.write_text(f"base_model: ftlab:tiny\nsequence_len: 64\nsample_packing: true\nmicro_batch_size: 2\nmax_steps: 2\n"
+                   f"save_steps: 2\nstreaming_multipack_buffer_size: 16\noutput_dir: {tmp_path / 'out'}\n"
+                   f"pretraining_dataset:\n  - path: {tmp_path / 'corpus.jsonl'}\n")
+    two = ftlab("train", cfg, "--num-processes", 2)
+    assert two.returncode == 0, two.stdout + two.stderr
+    (start,) = [r for r in read_metrics(tmp_path / "out") if r["event"] == "start"]
+    assert start["world_size"] == 2 and "effective 4 (2 processes) · 2 steps · 256 tokens per step" in two.stdout
+    saved = json.loads((tmp_path / "out" / "checkpoint-2" / STATE_FILE).read_text())
+    assert saved["processes"] == 2
+    c = load_config(cfg)
+    stream = Stream(c, load_tokenizer(c))
+    rows = [list(islice(stream.rows(rank, 2), 4)) for rank in (0, 1)]       # 2 steps x 2 rows on each process
+    assert [json.loads(r[-1][STATE_KEY]) for r in rows] == saved["positions"]
+    assert not {tuple(x["input_ids"]) for x in rows[0]} & {tuple(x["input_ids"]) for x in rows[1]}
