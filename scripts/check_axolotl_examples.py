@@ -115,6 +115,7 @@ DATA = {   # the data kind a method trains on -> an embedded dataset of that sha
     "stepwise": {"path": "ftlab:data/stepwise.jsonl", "type": "stepwise_supervised"},
     "prompts": {"path": "ftlab:data/counting.jsonl", "type": "chat_template"},
     "ebft": {"path": "ftlab:data/ebft_code.jsonl", "type": "ebft_opencode.transform"},
+    "stream": {"path": "ftlab:data/completion.jsonl", "type": "pretrain"},    # a `pretraining_dataset:` entry
 }
 DROP = ("wandb_project", "wandb_entity", "wandb_name", "wandb_watch", "wandb_log_model", "wandb_run_id", "wandb_mode",
         "mlflow_tracking_uri", "mlflow_experiment_name", "use_tensorboard", "hub_model_id", "hub_strategy",
@@ -130,6 +131,7 @@ def data_kind(cfg) -> str:
     kind = METHODS[cfg.method].data
     if cfg.method == "reward_model": return "scores"
     if cfg.method == "ebft": return "ebft"
+    if cfg.pretraining_dataset: return "stream"
     if kind != "sft": return kind
     t = (cfg.datasets or [None])[0]
     t = t.type if t is not None else None
@@ -141,9 +143,10 @@ def trial_config(cfg, out: Path) -> dict:
     d = cfg.to_dict(exclude_unset=True)
     for k in DROP: d.pop(k, None)
     kind = data_kind(cfg)
-    d.update(base_model="ftlab:tiny", datasets=[dict(DATA[kind])], output_dir=str(out), sequence_len=min(cfg.sequence_len, 256),
+    d.update(base_model="ftlab:tiny", output_dir=str(out), sequence_len=min(cfg.sequence_len, 256),
              micro_batch_size=min(cfg.micro_batch_size, 2), gradient_accumulation_steps=min(cfg.gradient_accumulation_steps, 2),
              bf16=False, fp16=False, tf32=False)
+    d["pretraining_dataset" if kind == "stream" else "datasets"] = [dict(DATA[kind])]   # streamed stays streamed
     if d.get("batch_size"): d["batch_size"] = d["micro_batch_size"] * d["gradient_accumulation_steps"]
     t = cfg.lora_target_modules
     if t and (isinstance(t, str) or not set(t) <= TINY_LINEAR):   # another architecture's layer names
