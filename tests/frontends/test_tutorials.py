@@ -117,8 +117,8 @@ def test_pretraining(tmp_path):
     h, t = html(nb), text(nb)
     m = re.search(r"training loss ([\d.]+) → ([\d.]+) .*; held-out loss ([\d.]+) → ([\d.]+)", t)
     assert m and float(m[2]) < float(m[1]) and float(m[4]) < float(m[3])     # measured on logs it did not train on
-    assert "ftlab-plan" in h and "finished at step 60" in h and "streamed from" in h and "tokens per step" in h
+    assert "ftlab-plan" in h and "finished at step 40" in h and "streamed from" in h and "tokens per step" in h
     assert 'class="ftlab-doc"' in h and "documents (‖ where each starts)" in h     # the packed rows, their boundaries
-    assert "the stream goes on where checkpoint-60 left it (240 rows in" in t
-    assert (work / "outputs" / "pretrain" / "checkpoint-80" / "stream_position.json").exists()
+    assert "the stream goes on where checkpoint-40 left it (160 rows in" in t
+    assert (work / "outputs" / "pretrain" / "checkpoint-50" / "stream_position.json").exists()
     assert "Warning" not in t and "Failed to load" not in t
