@@ -282,9 +282,10 @@ class EBFTConfig(Section):
     rl_coef: float = F(1.0, "strided: policy-gradient loss weight", ge=0)
     advantage_estimator: Choice("rloo", "group_norm", "reinforce", "grpo") = F("rloo", "baseline for the advantages (structured: only when written; else GRPO's)")
     min_completion_prefix: int = F(0, "strided: tokens into the completion before the first anchor", ge=0)
+    kernels: bool | None = F(None, "strided: ftlab's fused EBFT kernels (default: on where a CUDA GPU and Triton are)")
 
 EBFT_STRIDED_ONLY = ("stride", "context_length", "generate_max_len", "n_samples_per_prompt", "temperature", "top_p",
-                      "rl_coef", "min_completion_prefix")
+                      "rl_coef", "min_completion_prefix", "kernels")
 
 class VLLMConfig(Section):
     "The vLLM server used for generation (`vllm:`)."
