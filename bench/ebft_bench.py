@@ -59,6 +59,9 @@ def config_text(a, folder: str, work: Path) -> str:
          "val_set_size": 0.0, "shuffle_merged_datasets": False, "output_dir": str(work / "out"),
          "dataset_prepared_path": str(work / "prepared"), "datasets": [{"path": "@rows", "type": "tokenized"}]}
     if a.kernels != "auto": d["ebft"]["kernels"] = a.kernels == "on"
+    for kv in a.set or []:                      # more ftlab keys, e.g. --set lora_mlp_kernel=true
+        k, _, v = kv.partition("=")
+        d[k.strip()] = yaml.safe_load(v)
     return yaml.safe_dump(d, sort_keys=False)
 
 
@@ -98,13 +101,13 @@ def one_run(a) -> dict:
         if a.device == "cuda": torch.cuda.reset_peak_memory_stats()
         run = Run(cfg, namespace={"rows": rows})
         run.train(callbacks=[Meter()])
-        notes = [n for n in getattr(run, "notes", []) if "kernel" in str(n).lower()]
+        notes = [r["message"] for r in run.records if r.get("event") == "note" and "kernel" in r.get("message", "").lower()]
     meas = steps[a.warmup:]
     med = lambda k: float(np.median([s[k] for s in meas]))
     step_s = med("total")
     e = cfg.ebft
     n_blocks = len(range(e.stride, a.seq - e.generate_max_len + 1, e.stride))   # upper bound, for the processed count
-    res = dict(model=a.model, seq=a.seq, samples=a.samples, stride=a.stride, block=a.block, kernels=a.kernels,
+    res = dict(model=a.model, seq=a.seq, set=a.set or [], samples=a.samples, stride=a.stride, block=a.block, kernels=a.kernels,
                whitening=a.whitening, top_p=a.top_p, ce_coef=a.ce_coef, steps=len(meas), step_s=round(step_s, 4),
                generation_s=round(med("generation"), 4), loss_fwd_s=round(med("loss"), 4),
                backward_and_optimizer_s=round(step_s - med("generation") - med("loss"), 4),
@@ -140,6 +143,7 @@ def parser():
     ap.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     ap.add_argument("--cache", default=os.environ.get("FTLAB_BENCH_CACHE", "/tmp/ftlab-bench"))
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--set", action="append", metavar="KEY=VALUE", help="another top-level ftlab key (repeatable)")
     ap.add_argument("--out")
     return ap
 

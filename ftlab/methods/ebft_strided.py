@@ -12,9 +12,9 @@ from .registry import Panel
 from .common import frozen_reference, peft_config, training_args
 
 # %% auto #0
-__all__ = ['STORED_BLOCKS', 'STRIDED_PANELS', 'STRIDED_RULES', 'ebft_data', 'prompt_length', 'row_anchors', 'token_logprobs',
-           'reinforce_loss', 'pool_blocks', 'fused_ops', 'head_logprobs', 'block_rewards', 'strided_kernels',
-           'dense_mask', 'strided_mask_mod', 'flex_available', 'block_mask', 'sample_tokens',
+__all__ = ['FUSED_NOTE', 'STORED_BLOCKS', 'STRIDED_PANELS', 'STRIDED_RULES', 'ebft_data', 'prompt_length', 'row_anchors',
+           'token_logprobs', 'reinforce_loss', 'pool_blocks', 'fused_ops', 'head_logprobs', 'block_rewards',
+           'strided_kernels', 'dense_mask', 'strided_mask_mod', 'flex_available', 'block_mask', 'sample_tokens',
            'attention_implementation', 'cache_keyword', 'generate_blocks', 'plan_anchors', 'strided_sequences',
            'strided_step', 'backbone_and_head', 'step_metrics', 'pad_documents', 'stored_rollouts',
            'strided_trainer_class', 'strided_settings', 'no_blocks', 'advantages_flat', 'strided_preflight',
@@ -82,13 +82,15 @@ def block_rewards(gen, ref, alignment_coef: float, diversity_coef: float, fused:
     back = lambda x: x.view(R, B, n).movedim(2, 1)
     return FeatureRewards(back(reward), back(align), back(div), cfm.view(R, B))
 
-def strided_kernels(e, device) -> tuple[bool, str | None]:
-    "Whether a strided run uses the fused kernels on `device`, and a note when that is not what `ebft.kernels` asked."
+FUSED_NOTE = "fused EBFT kernels on: log-probabilities from the LM head (Liger), block rewards and the REINFORCE loss (Triton)"
+
+def strided_kernels(e, device) -> tuple[bool, str]:
+    "Whether a strided run uses the fused kernels on `device`, and the run's note saying which path computes its maths."
     ok = fused_ops().available(device)
-    if e.kernels is None: return ok, None
-    if e.kernels and not ok:
-        return False, "`ebft.kernels: true` needs a CUDA GPU with Triton: this run computes the same maths in plain PyTorch"
-    return bool(e.kernels), None
+    if e.kernels is False: return False, "EBFT maths in plain PyTorch (`ebft.kernels: false`)"
+    if ok: return True, FUSED_NOTE
+    if e.kernels: return False, "`ebft.kernels: true` needs a CUDA GPU with Triton: this run computes the same maths in plain PyTorch"
+    return False, "EBFT maths in plain PyTorch (the fused kernels need a CUDA GPU with Triton)"
 
 # %% ../../nbs/methods/10_ebft_strided.ipynb #5ae7e510
 def dense_mask(allowed, implementation: str | None, dtype):
@@ -449,7 +451,5 @@ def build_strided(cfg, method, model, tokenizer, prepared, callbacks=(), short_r
                                       peft_config=peft_config(cfg, method, model), checkpointing=cfg.checkpointing)
     say = next((c.say for c in callbacks if hasattr(c, "say")), None)
     if say and short_rows: say(f"{short_rows} prepared rows are too short for one EBFT block; they train nothing")
-    if say: say(trainer.kernel_note or ("fused EBFT kernels on: log-probabilities from the LM head (Liger), block rewards "
-                                        "and the REINFORCE loss (Triton)" if trainer.fused else
-                                        "EBFT maths in plain PyTorch (fused kernels need a CUDA GPU with Triton)"))
+    if say: say(trainer.kernel_note)
     return trainer
