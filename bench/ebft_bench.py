@@ -78,6 +78,12 @@ def one_run(a) -> dict:
     rng = np.random.default_rng(a.seed)
     n_rows = a.warmup + a.steps + 2
     rows = [{"input_ids": r.tolist(), "labels": r.tolist()} for r in rng.integers(3, vocab, size=(n_rows, a.seq))]
+    if a.kernels == "on" and a.pieces != "all":      # fused for the named pieces only, the plain maths for the others
+        keep = set(a.pieces.split(","))
+        for piece, fn in (("logprobs", "head_logprobs"), ("rewards", "block_rewards")):
+            if piece not in keep:                        # both take `fused` as their last positional argument
+                setattr(es, fn, lambda *x, _f=getattr(es, fn): _f(*x[:-1], False))
+        if "loss" not in keep: es.fused_ops().reinforce_loss = es.reinforce_loss
     gen_t, loss_t = [], []
     timed(es, "generate_blocks", gen_t); timed(es, "strided_step", loss_t)
     steps, mark = [], {}
@@ -107,7 +113,7 @@ def one_run(a) -> dict:
     step_s = med("total")
     e = cfg.ebft
     n_blocks = len(range(e.stride, a.seq - e.generate_max_len + 1, e.stride))   # upper bound, for the processed count
-    res = dict(model=a.model, seq=a.seq, set=a.set or [], samples=a.samples, stride=a.stride, block=a.block, kernels=a.kernels,
+    res = dict(model=a.model, seq=a.seq, set=a.set or [], samples=a.samples, stride=a.stride, block=a.block, kernels=a.kernels, pieces=a.pieces,
                whitening=a.whitening, top_p=a.top_p, ce_coef=a.ce_coef, steps=len(meas), step_s=round(step_s, 4),
                generation_s=round(med("generation"), 4), loss_fwd_s=round(med("loss"), 4),
                backward_and_optimizer_s=round(step_s - med("generation") - med("loss"), 4),
@@ -136,6 +142,7 @@ def parser():
     ap.add_argument("--ce-coef", type=float, default=0.0)
     ap.add_argument("--whitening", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--kernels", choices=["on", "off", "auto"], default="auto")
+    ap.add_argument("--pieces", default="all", help="with --kernels on: which fused pieces, e.g. logprobs,rewards,loss")
     ap.add_argument("--grad-ckpt", action="store_true")
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
