@@ -508,6 +508,40 @@ def run_trl(a, folder: str, rows: list[dict], meter, info: dict, workdir: Path):
     return trainer
 
 
+UNSLOTH_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def run_unsloth(a, folder: str, rows: list[dict], meter, info: dict, workdir: Path):
+    """unsloth: its standard recipe (`FastLanguageModel.from_pretrained`, `get_peft_model` on all seven projections,
+    TRL's `SFTTrainer` as Unsloth patches it) with the baseline's settings. Unsloth was imported first (`one_run`)."""
+    import torch
+    from unsloth import FastLanguageModel
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+    t = time.time()
+    model, tokenizer = FastLanguageModel.from_pretrained(
+        folder, max_seq_length=a.seq, dtype=torch.bfloat16, load_in_4bit=a.mode == "qlora",
+        full_finetuning=a.mode == "full", local_files_only=True)
+    if a.mode != "full":
+        model = FastLanguageModel.get_peft_model(
+            model, r=LORA_R, lora_alpha=LORA_ALPHA, lora_dropout=LORA_DROPOUT, target_modules=UNSLOTH_TARGETS,
+            bias="none", use_gradient_checkpointing="unsloth" if a.grad_ckpt else False, random_state=a.seed)
+    info["load_s"] = round(time.time() - t, 2)
+    info["attn_implementation"] = getattr(model.config, "_attn_implementation", None)
+    t = time.time()
+    args = SFTConfig(
+        output_dir=str(workdir / "out"), bf16=True, per_device_train_batch_size=a.batch, gradient_accumulation_steps=1,
+        max_length=a.seq, packing=a.data == "mix", packing_strategy="bfd", learning_rate=LR,
+        lr_scheduler_type=SCHEDULER, optim=OPTIM, logging_steps=1, report_to="none", save_strategy="no",
+        max_steps=a.warmup + a.steps, **_ckpt_kwargs(SFTConfig, False))   # Unsloth checkpoints through get_peft_model
+    trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
+                         callbacks=[meter, *meter.extra])
+    info["trainer_init_s"] = round(time.time() - t, 2)
+    meter.t_train_call = time.time()
+    trainer.train()
+    return trainer
+
+
 def ftlab_yaml(a, folder: str, workdir: Path, extra: dict) -> str:
     "The ftlab config with the same settings as the baseline."
     import yaml
@@ -600,6 +634,10 @@ def one_run(a) -> dict:
     meter = trainer = None
     workdir = Path(tempfile.mkdtemp(prefix="run-", dir=Path(a.cache)))
     try:
+        if a.impl == "unsloth":   # before transformers, TRL and PEFT, which it patches
+            os.environ.setdefault("UNSLOTH_DISABLE_STATISTICS", "1")
+            import unsloth  # noqa: F401
+            info["unsloth"] = unsloth.__version__
         import torch
         if a.device == "cuda" and not torch.cuda.is_available():
             raise RuntimeError("--device cuda but torch sees no GPU (use --device cpu for checks)")
@@ -618,7 +656,8 @@ def one_run(a) -> dict:
         meter.extra = []
         if a.profile:
             meter.extra.append(profile_callback(a.warmup, 2, a.profile, f"{a.model}-{a.mode}-{a.impl}-{a.seq}"))
-        trainer = (run_ftlab if a.impl == "ftlab" else run_trl)(a, folder, rows, meter, info, workdir)
+        runner = {"ftlab": run_ftlab, "unsloth": run_unsloth}.get(a.impl, run_trl)
+        trainer = runner(a, folder, rows, meter, info, workdir)
         row["status"] = "ok"
     except BaseException as e:  # noqa: BLE001 - a failing run is a result too
         if isinstance(e, KeyboardInterrupt): row["error"] = "interrupted"
@@ -743,7 +782,7 @@ def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", help="a name from bench/models/ (" + ", ".join(model_names()) + ")")
     ap.add_argument("--mode", choices=["full", "lora", "qlora"], default="lora")
-    ap.add_argument("--impl", choices=["baseline", "liger", "ftlab"], default="baseline")
+    ap.add_argument("--impl", choices=["baseline", "liger", "ftlab", "unsloth"], default="baseline")
     ap.add_argument("--seq", type=int, default=4096)
     ap.add_argument("--data", choices=["packed", "mix", "learn"], default="packed",
                     help="packed: random ids, rows of exactly seq; mix: length mix packed by TRL; learn: rows of seq "
