@@ -78,7 +78,7 @@ def _rewards_kernel():
     import triton.language as tl
 
     @triton.jit
-    def kernel(gen_ptr, ref_ptr, reward_ptr, align_ptr, div_ptr, cfm_ptr, n, D, a_coef, d_coef,
+    def kernel(gen_ptr, ref_ptr, reward_ptr, align_ptr, div_ptr, cfm_ptr, n, a_coef, d_coef, D: tl.constexpr,
                N_PAD: tl.constexpr, BLOCK_D: tl.constexpr):
         grp = tl.program_id(0)
         rows = tl.arange(0, N_PAD)
@@ -122,7 +122,7 @@ def feature_rewards(gen, ref, alignment_coef: float = 1.0, diversity_coef: float
     if G == 0: return (*out, cfm)
     n_pad = max(2, triton.next_power_of_2(n))
     block = max(16, min(triton.next_power_of_2(D), 8192 // (n_pad * n_pad)))  # the n x n x BLOCK_D product fits
-    _rewards_kernel()[(G,)](gen, ref, *out, cfm, n, D, float(alignment_coef), float(diversity_coef),
+    _rewards_kernel()[(G,)](gen, ref, *out, cfm, n, float(alignment_coef), float(diversity_coef), D=D,
                             N_PAD=n_pad, BLOCK_D=block)
     return (*out, cfm)
 
