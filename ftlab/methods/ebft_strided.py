@@ -14,9 +14,9 @@ from .common import frozen_reference, peft_config, training_args
 # %% auto #0
 __all__ = ['FUSED_NOTE', 'STORED_BLOCKS', 'STRIDED_PANELS', 'STRIDED_RULES', 'ebft_data', 'prompt_length', 'row_anchors',
            'token_logprobs', 'reinforce_loss', 'pool_blocks', 'fused_ops', 'head_logprobs', 'block_rewards',
-           'strided_kernels', 'dense_mask', 'strided_mask_mod', 'flex_available', 'block_mask', 'sample_tokens',
-           'attention_implementation', 'cache_keyword', 'generate_blocks', 'plan_anchors', 'strided_sequences',
-           'strided_step', 'backbone_and_head', 'step_metrics', 'pad_documents', 'stored_rollouts',
+           'strided_kernels', 'dense_mask', 'strided_mask_mod', 'flex_available', 'flex_compile_failed', 'block_mask',
+           'sample_tokens', 'attention_implementation', 'cache_keyword', 'generate_blocks', 'plan_anchors',
+           'strided_sequences', 'strided_step', 'backbone_and_head', 'step_metrics', 'pad_documents', 'stored_rollouts',
            'strided_trainer_class', 'strided_settings', 'no_blocks', 'advantages_flat', 'strided_preflight',
            'build_strided']
 
@@ -122,6 +122,14 @@ def flex_available(model) -> bool:
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     return (next(base.parameters()).device.type == "cuda" and bool(getattr(base, "_supports_flex_attn", False))
             and getattr(base.config, "_attn_implementation", None) == "flex_attention")
+
+def flex_compile_failed(err: BaseException) -> bool:
+    "Whether `err` (or what caused it) is torch's compiler failing to build the flex attention kernel."
+    names = {"BackendCompilerFailed", "InductorError", "NoValidChoicesError", "LoweringException"}
+    while err is not None:
+        if type(err).__name__ in names: return True
+        err = err.__cause__ or err.__context__
+    return False
 
 def block_mask(seq_len: int, anchors, generate_max_len: int, backend: str, implementation: str | None, dtype):
     "The mask of document + all `G` steps for the training passes: a `BlockMask` (`flex`) or a dense 4-D mask."
@@ -313,6 +321,7 @@ def strided_trainer_class():
             self.feature_layers = feature_layer_indices(ebft.feature_layers, config.num_hidden_layers)
             self.backend = "flex" if flex_available(model) else "dense"
             self.fused, self.kernel_note = strided_kernels(ebft, self.accelerator.device)
+            self.say = None                        # the run's note function, set by `build_strided`
             self._metrics = {"train": collections.defaultdict(list), "eval": collections.defaultdict(list)}
             self.last_rollouts = None
 
@@ -327,6 +336,23 @@ def strided_trainer_class():
                 net.eval()
                 try: yield backbone_and_head(net)[0]
                 finally: net.train(was)
+
+        def step(self, model, docs, labels, anchors, valid, blocks):
+            "`strided_step`; if flex attention cannot be compiled here, the dense mask (under SDPA) from then on, said once."
+            policy = self.accelerator.unwrap_model(model)
+            args = (policy, self.feature_network, docs, labels, anchors, valid, blocks, self.ebft, self.feature_layers)
+            if self.backend == "flex":
+                try: return strided_step(*args, "flex", self.fused)
+                except Exception as err:
+                    if not flex_compile_failed(err): raise
+                    self.backend = "dense"
+                    if self.say: self.say(f"flex attention could not be compiled on this machine ({type(err).__name__}): "
+                                          "strided EBFT uses a dense block mask with SDPA instead (same maths, more memory)")
+            with contextlib.ExitStack() as stack:      # a model loaded for flex attention takes the dense mask under SDPA
+                for net in (policy, self.feature_copy):
+                    if net is not None and getattr(net.config, "_attn_implementation", None) == "flex_attention":
+                        stack.enter_context(attention_implementation(net, "sdpa"))
+                return strided_step(*args, "dense", self.fused)
 
         def rollouts(self, model, docs, anchors):
             "The sampled blocks `(R·n, B, G)` of the documents `docs` at `anchors`."
@@ -344,8 +370,7 @@ def strided_trainer_class():
                 loss = sum(p.sum() * 0 for p in model.parameters() if p.requires_grad)
                 return (loss, None) if return_outputs else loss
             blocks = self.rollouts(model, docs, anchors)
-            loss, out = strided_step(self.accelerator.unwrap_model(model), self.feature_network, docs, labels, anchors,
-                                     valid, blocks, e, self.feature_layers, self.backend, self.fused)
+            loss, out = self.step(model, docs, labels, anchors, valid, blocks)
             for k, v in step_metrics(out, len(anchors)).items(): self._metrics[mode][k].append(v)
             if int(inputs["prompt_lengths"].max()) > 0: self._metrics[mode]["ebft/anchor_offset"].append(offset)
             if mode == "train":
@@ -449,7 +474,7 @@ def build_strided(cfg, method, model, tokenizer, prepared, callbacks=(), short_r
                                       data_collator=lambda rows: pad_documents(rows, pad),
                                       feature_copy=frozen_reference(cfg, method, model),
                                       peft_config=peft_config(cfg, method, model), checkpointing=cfg.checkpointing)
-    say = next((c.say for c in callbacks if hasattr(c, "say")), None)
+    say = trainer.say = next((c.say for c in callbacks if hasattr(c, "say")), None)
     if say and short_rows: say(f"{short_rows} prepared rows are too short for one EBFT block; they train nothing")
     if say: say(trainer.kernel_note)
     return trainer

@@ -196,3 +196,33 @@ def test_health_rules_for_strided_runs():
     assert rules["no_blocks"].check(flat, []) is None
     assert rules["no_blocks"].check([{"step": s, "ebft/num_blocks": 0} for s in range(3)], [])
     assert "ebft.n_samples_per_prompt" in rules["diversity_collapsing"].fix
+
+
+def test_flex_attention_that_cannot_compile_falls_back_to_the_dense_mask(trained, monkeypatch):
+    "torch's compiler failing on the flex kernel (as torch 2.11's inductor did on an H200) is one note, then dense masks."
+    import torch
+    import ftlab.methods.ebft_strided as es
+    trainer = trained.trainer
+    model = trainer.accelerator.unwrap_model(trainer.model).eval()
+    batch = batch_of(trainer, [64])
+    real, seen, said = es.strided_step, [], []
+
+    class NoValidChoicesError(RuntimeError): pass
+
+    def strided_step(*args):
+        seen.append(args[9])                              # the backend the step was asked for
+        if args[9] == "flex": raise RuntimeError("compiling flex attention failed") from NoValidChoicesError("no choices")
+        return real(*args)
+    monkeypatch.setattr(es, "strided_step", strided_step)
+    monkeypatch.setattr(trainer, "backend", "flex")
+    monkeypatch.setattr(trainer, "say", said.append)
+    assert torch.isfinite(trainer.compute_loss(model, batch))
+    assert seen == ["flex", "dense"] and trainer.backend == "dense"
+    assert len(said) == 1 and "NoValidChoicesError" not in said[0] and "dense block mask" in said[0]
+    trainer.compute_loss(model, batch)
+    assert seen == ["flex", "dense", "dense"] and len(said) == 1   # said once, flex not tried again
+
+    def broken(*args): raise ValueError("a mistake that is not the compiler's")
+    monkeypatch.setattr(es, "strided_step", broken)
+    monkeypatch.setattr(trainer, "backend", "flex")
+    with pytest.raises(ValueError, match="not the compiler's"): trainer.compute_loss(model, batch)
