@@ -14,7 +14,8 @@ from ..assets import ASSETS_DIR, PREFIX
 
 # %% auto #0
 __all__ = ['PRESETS_DIR', 'AXOLOTL_FOLDER', 'LEGACY_RESHARD', 'deepspeed_presets', 'DeepSpeedError', 'zero_words', 'DeepSpeed',
-           'read_deepspeed', 'fsdp_version', 'fsdp_training_config', 'fsdp_words', 'Strategy', 'strategy']
+           'read_deepspeed', 'fsdp_version', 'fsdp_training_config', 'fsdp_words', 'Strategy', 'strategy',
+           'process_problems']
 
 # %% ../../nbs/config/09_parallel.ipynb #a5eeff28
 PRESETS_DIR = ASSETS_DIR / "deepspeed"
@@ -59,7 +60,9 @@ class DeepSpeed:
     def for_trainer(self) -> dict:
         "The mapping for transformers' `deepspeed=`: ZeRO-3 gathers the weights when the final model is saved, unless told not to."
         d = copy.deepcopy(self.data)
-        if self.stage == 3: d["zero_optimization"].setdefault("stage3_gather_16bit_weights_on_model_save", True)
+        z = d.get("zero_optimization") or {}
+        if self.stage == 3 and not {"gather_16bit_weights_on_model_save", "stage3_gather_16bit_weights_on_model_save"} & set(z):
+            z["stage3_gather_16bit_weights_on_model_save"] = True     # (DeepSpeed reads either spelling, not both)
         return d
 
 _PRESETS_FIX = "name a preset ({}) or the path of a DeepSpeed JSON file"
@@ -175,3 +178,16 @@ def strategy(cfg, processes: int, cuda: bool, launched: bool) -> Strategy:
         return Strategy(fsdp_words(options), None, {"optimizer", "grads", "weights"} if processes > 1 else set(),
                         {"optimizer", "weights"} if options.get("cpu_offload") else set())
     return Strategy(plain)
+
+# %% ../../nbs/config/09_parallel.ipynb #3c5af4aa
+def process_problems(cfg, processes: int) -> list[tuple[tuple, str, str]]:
+    "What cannot run on `processes` processes, as (key path, message, fix)."
+    out = []
+    t = getattr(cfg, "trl", None)
+    if t is not None and t.use_vllm and (t.vllm_mode or "colocate") == "colocate":
+        tp = t.vllm_tensor_parallel_size or 1
+        if processes % tp:
+            out.append((("trl", "vllm_tensor_parallel_size"),
+                        f"vllm_tensor_parallel_size: {tp} does not divide the {processes} processes: colocated vLLM runs one engine per {tp} of them",
+                        f"start a multiple of {tp} processes (`--num-processes {tp * max(1, processes // tp)}`), or set `vllm_tensor_parallel_size` to a divisor of {processes}"))
+    return out
