@@ -12,7 +12,7 @@ from .keys import (AXOLOTL_ADAPTERS, AXOLOTL_DATASET_TYPES, AXOLOTL_OPTIMIZERS, 
                                AXOLOTL_SCHEDULERS, COVERED_PLUGINS, DATASET_TYPES, NEUTRAL_VALUES, RL_METHODS,
                                TRL_MISSING_KEYS, WIRED_TRACKERS)
 from .known import MOE, MULTI_GPU, MULTIMODAL, PLUGINS, plugin_folder
-from .parallel import DeepSpeedError, fsdp_version, read_deepspeed
+from .parallel import DeepSpeedError, deepspeed_installed, fsdp_version, read_deepspeed
 from .schema import MULTIMODAL_CLASSES, NOT_TRANSFORMERS_CLASSES, Config
 from .sections import TYPE_KEYS
 from .source import Where
@@ -361,7 +361,7 @@ def check_parallel(cfg: Config, found: Found):
     "Several processes: one sharding engine, FSDP2 only, the DeepSpeed config, and the combinations that do not run."
     fsdp_key = "fsdp_config" if cfg.fsdp_config is not None else "fsdp"
     ds = _check_deepspeed_file(cfg, found) if cfg.deepspeed else None
-    if cfg.deepspeed and importlib.util.find_spec("deepspeed") is None:
+    if cfg.deepspeed and not deepspeed_installed():
         found.error(("deepspeed",), "`deepspeed` asks for DeepSpeed ZeRO, and the deepspeed package is not installed",
                     "`pip install deepspeed` (on a machine without CUDA: `DS_BUILD_OPS=0 pip install deepspeed`), or remove `deepspeed`")
     if cfg.deepspeed and cfg.fsdp_asked:

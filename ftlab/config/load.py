@@ -201,6 +201,7 @@ def load_config(source, overrides=None, *, base_dir=None, check_support: bool = 
     cfg, vprobs, broken = validate(data, where)
     problems += vprobs
     if cfg is not None:
+        cfg.record_source(where, base_dir=base_dir, order=order)   # the checks resolve paths (a DeepSpeed file) against it
         cprobs, cnotes = cross_check(cfg, Found(where, require_datasets=require_datasets)).kept(broken)
         problems += cprobs
         notes += cnotes

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -13,13 +14,17 @@ from pathlib import Path, PurePosixPath
 from ..assets import ASSETS_DIR, PREFIX
 
 # %% auto #0
-__all__ = ['PRESETS_DIR', 'AXOLOTL_FOLDER', 'LEGACY_RESHARD', 'deepspeed_presets', 'DeepSpeedError', 'zero_words', 'DeepSpeed',
-           'read_deepspeed', 'fsdp_version', 'fsdp_training_config', 'fsdp_words', 'Strategy', 'strategy',
-           'process_problems']
+__all__ = ['PRESETS_DIR', 'AXOLOTL_FOLDER', 'LEGACY_RESHARD', 'deepspeed_installed', 'deepspeed_presets', 'DeepSpeedError',
+           'zero_words', 'DeepSpeed', 'read_deepspeed', 'fsdp_version', 'fsdp_training_config', 'fsdp_words',
+           'Strategy', 'strategy', 'process_problems']
 
 # %% ../../nbs/config/09_parallel.ipynb #a5eeff28
 PRESETS_DIR = ASSETS_DIR / "deepspeed"
 AXOLOTL_FOLDER = "deepspeed_configs"   # where axolotl's examples point: `deepspeed: deepspeed_configs/zero3_bf16.json`
+
+def deepspeed_installed() -> bool:
+    "Whether the deepspeed package can be imported here (it is not a dependency of ftlab)."
+    return importlib.util.find_spec("deepspeed") is not None
 
 def deepspeed_presets() -> list[str]:
     "The DeepSpeed presets that ship with ftlab, by name (`zero3_bf16`)."
