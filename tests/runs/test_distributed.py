@@ -4,23 +4,9 @@ worker's mistake said once with its ranks."""
 import os, re, shlex, signal, subprocess, sys
 from pathlib import Path
 from ftlab.events import read_metrics
+from run_helpers import RUN_CONFIG as CFG
 
 EXE = Path(sys.executable).parent / "ftlab"
-CFG = """base_model: ftlab:tiny
-adapter: lora
-lora_r: 8
-lora_alpha: 16
-lora_target_linear: true
-sequence_len: 128
-micro_batch_size: 2
-learning_rate: 0.002
-logging_steps: 1
-save_steps: 1000
-output_dir: {out}
-datasets:
-  - path: ftlab:data/chat.jsonl
-    type: chat_template
-"""
 
 
 def config(tmp_path, name, extra=""):

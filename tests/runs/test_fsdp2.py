@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from run_helpers import checkout_env
+from run_helpers import RUN_CONFIG, checkout_env
 from ftlab.distributed import free_port
 
 WORKER = '''
@@ -81,25 +81,9 @@ def test_qlora_under_fsdp2_on_one_gpu_saves_sharded_checkpoints_and_resumes(tmp_
     from ftlab.runfolder import checkpoints
     exe = Path(sys.executable).parent / "ftlab"
     cfg = tmp_path / "fsdp.yaml"
-    cfg.write_text(f"""base_model: ftlab:tiny
-adapter: qlora
-load_in_4bit: true
-lora_r: 8
-lora_alpha: 16
-lora_target_linear: true
-sequence_len: 128
-micro_batch_size: 2
-learning_rate: 0.002
-save_steps: 2
-output_dir: {tmp_path / "out"}
-fsdp_version: 2
-fsdp_config:
-  state_dict_type: SHARDED_STATE_DICT
-  activation_checkpointing: true
-datasets:
-  - path: ftlab:data/chat.jsonl
-    type: chat_template
-""")
+    cfg.write_text(RUN_CONFIG.format(out=tmp_path / "out").replace("adapter: lora", "adapter: qlora\nload_in_4bit: true")
+                   .replace("save_steps: 1000", "save_steps: 2")
+                   + "fsdp_version: 2\nfsdp_config:\n  state_dict_type: SHARDED_STATE_DICT\n  activation_checkpointing: true\n")
     run = lambda *a: subprocess.run([str(exe), "train", str(cfg), *a], capture_output=True, text=True, timeout=600, env=checkout_env())
     r = run("--max-steps", "2")
     assert r.returncode == 0, r.stdout + r.stderr

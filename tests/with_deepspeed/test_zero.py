@@ -12,23 +12,10 @@ pytest.importorskip("deepspeed", reason="deepspeed is not installed here: run `b
 
 from ftlab.events import read_metrics
 from ftlab.runfolder import checkpoints
+from run_helpers import RUN_CONFIG
 
 EXE = Path(sys.executable).parent / "ftlab"
-BASE = """base_model: ftlab:tiny
-adapter: lora
-lora_r: 8
-lora_alpha: 16
-lora_target_linear: true
-sequence_len: 128
-micro_batch_size: 2
-learning_rate: 0.002
-logging_steps: 1
-save_steps: 3
-output_dir: {out}
-datasets:
-  - path: ftlab:data/chat.jsonl
-    type: chat_template
-"""
+BASE = RUN_CONFIG.replace("save_steps: 1000", "save_steps: 3")
 
 
 def config(folder: Path, name: str, extra: str = "", base: str = BASE) -> Path:
