@@ -12,7 +12,7 @@ from .events import MetricsLog, read_metrics, history, event_callback, stop_call
 from .inference import chat, score, save, merge
 from .quiet import quiet_libraries
 from .hub import check_hub
-from .distributed import is_main, world_size
+from .distributed import is_main, launch_problem, launched, save_whole, strategy_of, world_size
 from .runfolder import (DiskFullError, RunLock, atomic_checkpoints, claim_folder, disk_full_error, find_checkpoint, is_disk_full,
                         last_step, run_status)
 
@@ -128,6 +128,8 @@ def _train(self, max_steps: int | None = None, resume=None, callbacks=(), overwr
     lock = RunLock(self.output_dir)
     with _stop_signals(stop):
         try:
+            problem = launch_problem(cfg)        # DeepSpeed outside a launcher, or its precision against this machine's
+            if problem is not None: raise problem
             ckpt, notes = find_checkpoint(cfg, resume)
             prepared = self.prepare()            # a bad dataset fails here, before anything in output_dir changes
             # checks that need the data but not the model (GRPO's reward functions, a vLLM server)
@@ -181,7 +183,8 @@ def _fit(self, cfg, method, prepared, extra, ckpt, stop, callbacks):
     self.phase(f"building the {cfg.method} trainer")
     self.trainer = trainer = method.build(cfg, method, model, self.tokenizer, prepared, [events, *callbacks, stop], **extra)
     atomic_checkpoints(trainer)
-    for note in (attention_note(cfg), frozen, apply_kernels(cfg, trainer.model), liger_note(cfg)):
+    events.strategy = ran = strategy_of(trainer)   # what Accelerate set up; the start event records it
+    for note in (attention_note(cfg), frozen, apply_kernels(cfg, trainer.model), liger_note(cfg), _strategy_note(cfg, ran)):
         if note: self.emit({"event": "note", "step": 0, "message": note})
     long_ctx = long_context_callback(cfg, self.emit) if cfg.offload_activations or cfg.tiled_mlp else None
     if long_ctx: trainer.add_callback(long_ctx)
@@ -229,6 +232,7 @@ def _fit(self, cfg, method, prepared, extra, ckpt, stop, callbacks):
                    "message": f"interrupted at step {step}. Resume with `{self.resume_command}`"})
         return self
     try:
+        save_whole(trainer)                  # the trained model is one state dict, however the checkpoints were sharded
         trainer.save_model(str(self.output_dir))
         self.tokenizer.save_pretrained(str(self.output_dir))
     except Exception as e:
@@ -238,6 +242,13 @@ def _fit(self, cfg, method, prepared, extra, ckpt, stop, callbacks):
     self.state = "finished"
     _end(self, step, "finished")
     return self
+
+def _strategy_note(cfg, ran: str) -> str | None:
+    "Why what runs is not what the config asked for (FSDP2 on a CPU is DDP), or None."
+    from ftlab.config.parallel import strategy
+    from ftlab.model import device_info
+    asked = strategy(cfg, world_size(), device_info()["cuda"], launched())
+    return asked.note if asked.note and not ran.startswith("FSDP") else None
 
 def _save_now(self, trainer):
     "A checkpoint of the last completed step, outside the trainer's own schedule, reported like the others."

@@ -8,9 +8,10 @@ import copy, math
 from .registry import Panel
 
 # %% auto #0
-__all__ = ['LIGER_FLAGS', 'LOSS_PANEL', 'GRAD_NORM_PANEL', 'steps_per_epoch', 'training_args', 'liger_kernel_config',
-           'liger_note', 'checkpointing_args', 'trackers', 'schedule_args', 'lr_lambda', 'trainer_args', 'select',
-           'peft_config', 'frozen_copy_needed', 'frozen_reference', 'make_trainer']
+__all__ = ['LIGER_FLAGS', 'DDP_KEYS', 'LOSS_PANEL', 'GRAD_NORM_PANEL', 'steps_per_epoch', 'training_args', 'liger_kernel_config',
+           'liger_note', 'checkpointing_args', 'trackers', 'parallel_args', 'trainer_checkpointing', 'schedule_args',
+           'lr_lambda', 'trainer_args', 'select', 'peft_config', 'frozen_copy_needed', 'frozen_reference',
+           'make_trainer']
 
 # %% ../../nbs/methods/01_common.ipynb #83f1cd2d
 def steps_per_epoch(cfg, n_rows: int, processes: int | None = None) -> int:
@@ -22,7 +23,9 @@ def steps_per_epoch(cfg, n_rows: int, processes: int | None = None) -> int:
 def training_args(cfg, n_train: int, has_eval: bool) -> dict:
     "Keyword arguments shared by every TRL config class (SFTConfig, DPOConfig, ...)."
     from ftlab.model import device_info, training_dtype
+    from ftlab.distributed import launched
     dev, dtype = device_info(), training_dtype(cfg)
+    fsdp_here = dev["cuda"] and launched()      # where Accelerate runs FSDP (on a CPU it runs DDP; see `parallel_args`)
     spe = steps_per_epoch(cfg, n_train)
     eval_steps = cfg.eval_steps or (max(1, spe // cfg.evals_per_epoch) if cfg.evals_per_epoch else None)
     if cfg.evals_per_epoch == 0 and not cfg.eval_steps: has_eval = False   # axolotl's `evals_per_epoch: 0`: no evaluation
@@ -37,8 +40,8 @@ def training_args(cfg, n_train: int, has_eval: bool) -> dict:
         learning_rate=cfg.learning_rate, **schedule_args(cfg), warmup_steps=warmup,
         optim=cfg.optimizer or ("adamw_torch_fused" if dev["cuda"] else "adamw_torch"),
         weight_decay=cfg.weight_decay or 0.0, max_grad_norm=cfg.max_grad_norm if cfg.max_grad_norm is not None else 1.0,
-        **checkpointing_args(cfg.checkpointing,
-                             cfg.gradient_checkpointing_kwargs or ({"use_reentrant": False} if cfg.checkpointing else None)),
+        **checkpointing_args(trainer_checkpointing(cfg, fsdp_here), cfg.gradient_checkpointing_kwargs
+                             or ({"use_reentrant": False} if trainer_checkpointing(cfg, fsdp_here) else None)),
         logging_steps=cfg.logging_steps or 1, logging_first_step=True,
         logging_nan_inf_filter=False,  # a NaN loss must reach the log, not be averaged away
         eval_strategy="steps" if has_eval and eval_steps else ("epoch" if has_eval else "no"),
@@ -48,6 +51,7 @@ def training_args(cfg, n_train: int, has_eval: bool) -> dict:
         bf16=dtype == "bfloat16", fp16=dtype == "float16", use_cpu=not dev["cuda"],
         report_to=trackers(cfg), run_name=cfg.wandb_name, disable_tqdm=True,
         include_num_input_tokens_seen="non_padding", dataloader_num_workers=0,
+        **parallel_args(cfg, fsdp_here),
     )
     for k in ("adam_beta1", "adam_beta2", "adam_epsilon"):
         if getattr(cfg, k, None) is not None: kw[k] = getattr(cfg, k)
@@ -94,6 +98,23 @@ def trackers(cfg) -> list[str]:
     if cfg.use_tensorboard: out.append("tensorboard")
     if getattr(cfg, "mlflow_tracking_uri", None): out.append("mlflow")
     return out or ["none"]
+
+# %% ../../nbs/methods/01_common.ipynb #b05117d3
+DDP_KEYS = ("ddp_timeout", "ddp_bucket_cap_mb", "ddp_broadcast_buffers", "ddp_find_unused_parameters")
+
+def parallel_args(cfg, fsdp_here: bool) -> dict:
+    "The training arguments that spread a run over processes: `ddp_*`, `deepspeed`, and `fsdp` / `fsdp_config` where FSDP runs (`fsdp_here`)."
+    from ftlab.config.parallel import fsdp_training_config, read_deepspeed
+    kw = {k: getattr(cfg, k) for k in DDP_KEYS if getattr(cfg, k, None) is not None}
+    if cfg.deepspeed: kw["deepspeed"] = read_deepspeed(cfg.deepspeed, cfg.base_dir).for_trainer()
+    elif cfg.fsdp_asked and fsdp_here: kw.update(fsdp=True, fsdp_config=fsdp_training_config(cfg))
+    return kw
+
+def trainer_checkpointing(cfg, fsdp_here: bool) -> bool:
+    "Whether the trainer recomputes activations: as the config says, FSDP's own checkpointing instead where FSDP runs."
+    fsdp_ac = bool(cfg.fsdp_config is not None and cfg.fsdp_config.activation_checkpointing)
+    if fsdp_ac: return not fsdp_here
+    return cfg.checkpointing
 
 # %% ../../nbs/methods/01_common.ipynb #a76b4183
 def schedule_args(cfg) -> dict:
