@@ -33,6 +33,7 @@ class Plan:
     memory_gb: dict = field(default_factory=dict)
     processes: int = 1
     warnings: list = field(default_factory=list)
+    kernels: str = ""          # which of ftlab's and Liger's kernels will run (`ftlab.methods.kernel_choice`)
 
     def rows(self) -> list[tuple[str, str]]:
         pct = 100 * self.params_trainable / max(self.params_total, 1)
@@ -49,7 +50,7 @@ class Plan:
             ("memory (est.)", f"≈ {mem.get('total', 0):.2f} GB = weights {mem.get('weights', 0):.2f} + optimizer & grads "
                               f"{mem.get('optimizer', 0):.2f} + activations {mem.get('activations', 0):.2f}"
                               + (f" · CPU memory for offloaded activations {mem['host']:.2f} GB" if "host" in mem else "")),
-        ]
+        ] + ([("kernels", self.kernels)] if self.kernels else [])
 
     def __str__(self):
         w = max(len(k) for k, _ in self.rows())
@@ -124,8 +125,9 @@ def make_plan(cfg, prepared, processes: int | None = None) -> Plan:
     this launch's world size). `micro_batch_size` is per process, so the effective batch counts all of them."""
     from ftlab.distributed import world_size
     processes = processes or world_size()
-    from ftlab.model import training_dtype
+    from ftlab.model import device_info, training_dtype
     from ftlab.methods import steps_per_epoch
+    from ftlab.methods.kernel_choice import choose_kernels
     dtype = training_dtype(cfg)
     trainable, total, mcfg = count_params(cfg)
     rep = prepared.report
@@ -139,4 +141,5 @@ def make_plan(cfg, prepared, processes: int | None = None) -> Plan:
                 eval_rows=len(prepared.eval) if prepared.eval is not None else 0, tokens=rep.tokens,
                 trained_tokens=rep.trained_tokens, effective_batch=cfg.effective_batch_size * processes, steps_per_epoch=spe,
                 total_steps=steps, memory_gb=estimate_memory(cfg, mcfg, trainable, total, dtype),
-                warnings=prepared.warnings(), processes=processes)
+                warnings=prepared.warnings(), processes=processes,
+                kernels=choose_kernels(cfg, getattr(mcfg, "model_type", None), device_info()["cuda"]).summary())
