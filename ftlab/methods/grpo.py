@@ -18,8 +18,8 @@ from .timing import TIMING_PANEL, TimedSteps
 # %% auto #0
 __all__ = ['HIDDEN_COLUMNS', 'COMPILE_CONFIG_KEYS', 'OWN_KEYS', 'AFTER_BUILD', 'GRPO_PANELS', 'resolve_reward', 'reward_name',
            'reward_rows', 'check_reward_functions', 'reward_functions_given', 'generation_groups', 'generation_options',
-           'vllm_url', 'wait_for_vllm', 'grpo_args', 'grpo_trainer_class', 'grpo_preflight', 'fit_vllm_weight_sync',
-           'fit_generation', 'match_reference_vocab', 'build_grpo']
+           'vllm_url', 'wait_for_vllm', 'grpo_args', 'GRPOPhases', 'grpo_trainer_class', 'grpo_preflight',
+           'fit_vllm_weight_sync', 'fit_generation', 'match_reference_vocab', 'build_grpo']
 
 # %% ../../nbs/methods/05_grpo.ipynb #e38067f0
 def resolve_reward(name: str, namespace: dict | None = None):
@@ -225,20 +225,22 @@ def grpo_args(cfg, n_train: int, has_eval: bool) -> dict:
     return kw
 
 # %% ../../nbs/methods/05_grpo.ipynb #974f523a
+class GRPOPhases(TimedSteps):
+    "`TimedSteps` for a TRL `GRPOTrainer` (mixed in before it): generation, reward scoring and log-probs timed apart."
+    PHASES = ("generation", "rewards", "logprobs", "update")
+    def _generate(self, prompts):
+        with self.clock.phase("generation"): return super()._generate(prompts)
+    def _calculate_rewards(self, *args, **kw):
+        with self.clock.phase("rewards"): return super()._calculate_rewards(*args, **kw)
+    def _generate_and_score_completions(self, inputs):
+        with self.clock.phase("logprobs"): return super()._generate_and_score_completions(inputs)
+
 def grpo_trainer_class():
     "TRL's GRPOTrainer, subclassed to store completions and time steps (imported when a run builds it; EBFT builds on it too)."
     from trl import GRPOTrainer
-    class FtlabGRPOTrainer(TimedSteps, GRPOTrainer):
+    class FtlabGRPOTrainer(GRPOPhases, GRPOTrainer):
         "GRPOTrainer that stores each logging step's completions with the run and logs where each step's time goes."
         store = True
-        PHASES = ("generation", "rewards", "logprobs", "update")
-        def _generate(self, prompts):
-            with self.clock.phase("generation"): return super()._generate(prompts)
-        def _calculate_rewards(self, *args, **kw):
-            with self.clock.phase("rewards"): return super()._calculate_rewards(*args, **kw)
-        def _generate_and_score_completions(self, inputs):
-            with self.clock.phase("logprobs"): return super()._generate_and_score_completions(inputs)
-
         def log(self, logs, start_time=None):
             super().log(logs, start_time)
             if self.store and self.model.training and self.accelerator.is_main_process:
