@@ -41,7 +41,7 @@ Writes `$OUT/grpo_bench.jsonl` and `grpo_bench.md` (or `--out-dir`). Prints `BEN
 from __future__ import annotations
 import time
 T0 = time.time()
-import argparse, json, math, os, shlex, subprocess, sys, tempfile, traceback
+import argparse, json, math, os, shlex, subprocess, sys, tempfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -215,8 +215,6 @@ def summarize(meter, s: dict, a, bandwidth: float, weight_bytes: int) -> dict:
 
 def one_row(a) -> dict:
     "One row, in this process."
-    for k, v in (("HF_HUB_OFFLINE", "1"), ("HF_DATASETS_OFFLINE", "1"), ("TOKENIZERS_PARALLELISM", "false"),
-                 ("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")): os.environ.setdefault(k, v)
     impl, trl_extra, gen_k, what = row_spec(a)
     s = settings(a, gen_k)
     cfg_json = sb.model_json(a.model)
@@ -229,12 +227,7 @@ def one_row(a) -> dict:
     meter = trainer = bandwidth = None
     workdir = Path(tempfile.mkdtemp(prefix="grpo-", dir=Path(a.cache)))
     try:
-        import torch
-        if a.device == "cuda" and not torch.cuda.is_available():
-            raise RuntimeError("--device cuda but torch sees no GPU (use --device cpu for checks)")
-        import datasets, transformers
-        datasets.disable_progress_bars()
-        transformers.utils.logging.set_verbosity_error()
+        sb.child_setup(a.device)
         bandwidth = measure_bandwidth(a.device, a.bw_mib)
         if a.in_process: folder = sb.prepare_model(a.model, a.cache, a.device)["folder"]
         else: folder, _ = sb.ensure_model(a.model, a.cache, a.device)
@@ -244,11 +237,7 @@ def one_row(a) -> dict:
         else: trainer = run_ftlab(a, folder, prompts, s, meter, info, workdir, trl_extra, top_extra(a))
         row["status"] = "ok"
     except BaseException as e:  # noqa: BLE001 - a failing row is a result too
-        msg = f"{type(e).__name__}: {e}".strip()
-        oom = type(e).__name__ == "OutOfMemoryError" or "out of memory" in str(e).lower()
-        row["status"] = "oom" if oom else ("interrupted" if isinstance(e, KeyboardInterrupt) else "error")
-        row["error"] = msg.splitlines()[-1][:400]
-        if not oom: traceback.print_exc()
+        sb.record_failure(row, e)
     row.update(info)
     if meter is not None and trainer is not None:
         model = trainer.model

@@ -18,7 +18,7 @@ import sft_bench as sb  # noqa: E402
 
 # ftlab's fused LoRA projections and Liger's kernels are on by default on a GPU; the reference turns them off
 NO_KERNELS = "lora_qkv_kernel=false,lora_o_kernel=false,lora_mlp_kernel=false,use_liger_kernel=false"
-DEFAULT_VARIANTS = [f"without kernels:{NO_KERNELS}", "defaults (kernels on):"]
+DEFAULT_VARIANTS = [f"without kernels:{NO_KERNELS}", "defaults:"]
 
 
 def main(argv=None):

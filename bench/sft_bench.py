@@ -620,11 +620,34 @@ def run_ftlab(a, folder: str, rows: list[dict], meter, info: dict, workdir: Path
     return run.trainer
 
 
+def offline_env():
+    "No network for the libraries, no tokenizer threads, no advisory warnings (before anything imports them)."
+    for k, v in (("HF_HUB_OFFLINE", "1"), ("HF_DATASETS_OFFLINE", "1"), ("TOKENIZERS_PARALLELISM", "false"),
+                 ("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")): os.environ.setdefault(k, v)
+
+
+def child_setup(device: str):
+    "A benchmark process: offline, the libraries quiet, and the GPU it was asked for."
+    offline_env()
+    import torch
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda but torch sees no GPU (use --device cpu for checks)")
+    import datasets, transformers
+    datasets.disable_progress_bars()
+    transformers.utils.logging.set_verbosity_error()
+
+
+def record_failure(row: dict, e: BaseException):
+    "A run that failed is a result too: its status (`oom`, `error`) and the last line of the error in `row`."
+    msg = f"{type(e).__name__}: {e}".strip()
+    oom = type(e).__name__ == "OutOfMemoryError" or "out of memory" in str(e).lower()
+    row["status"] = "oom" if oom else "error"
+    row["error"] = "interrupted" if isinstance(e, KeyboardInterrupt) else (msg.splitlines()[-1][:400] or type(e).__name__)
+    if not oom: traceback.print_exc()
+
+
 def one_run(a) -> dict:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    offline_env()     # before Unsloth's import too
     cmd = "python bench/sft_bench.py " + shlex.join(sys.argv[1:])
     cfg_json = model_json(a.model)
     fpt = flops_per_token(cfg_json, a.seq)
@@ -640,12 +663,8 @@ def one_run(a) -> dict:
             os.environ.setdefault("UNSLOTH_DISABLE_STATISTICS", "1")
             import unsloth  # noqa: F401
             info["unsloth"] = unsloth.__version__
+        child_setup(a.device)
         import torch
-        if a.device == "cuda" and not torch.cuda.is_available():
-            raise RuntimeError("--device cuda but torch sees no GPU (use --device cpu for checks)")
-        import datasets, transformers
-        datasets.disable_progress_bars()
-        transformers.utils.logging.set_verbosity_error()
         folder, prep = ensure_model(a.model, a.cache, a.device)
         if prep: row["model_prepare"] = prep
         rows = make_rows(a.data, (a.warmup + a.steps) * a.batch, a.seq, cfg_json["vocab_size"], seed=a.seed)
@@ -662,12 +681,7 @@ def one_run(a) -> dict:
         trainer = runner(a, folder, rows, meter, info, workdir)
         row["status"] = "ok"
     except BaseException as e:  # noqa: BLE001 - a failing run is a result too
-        if isinstance(e, KeyboardInterrupt): row["error"] = "interrupted"
-        msg = f"{type(e).__name__}: {e}"
-        oom = type(e).__name__ == "OutOfMemoryError" or "out of memory" in str(e).lower()
-        row["status"] = "oom" if oom else "error"
-        row["error"] = msg.strip().splitlines()[-1][:400] if msg.strip() else type(e).__name__
-        if not oom: traceback.print_exc()
+        record_failure(row, e)
     row.update(info)
     if meter is not None and meter.extra and meter.extra[0].summary:
         row["profile_pct"] = meter.extra[0].summary
