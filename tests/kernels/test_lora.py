@@ -637,3 +637,20 @@ def test_default_architectures_match_peft(model_type):
     gr, gf = lora_grads(ref), lora_grads(fused)
     assert gr.keys() == gf.keys() and len(gr) == 4 * 7
     for k in gr: torch.testing.assert_close(gf[k], gr[k], atol=1e-5, rtol=1e-4, msg=k)
+
+
+def test_fused_projections_compile_without_graph_breaks(pair):
+    """GRPO's compiled generation (`cache_implementation: static` + `disable_compile: false`) compiles the model's
+    forward with the fused projections in it: dynamo traces them whole (the grouped q/k/v and gate/up too) and the
+    compiled forward gives PEFT's logits on new inputs (no stale group output)."""
+    from torch._dynamo.utils import counters
+    ref, fused, _ = pair
+    torch._dynamo.reset(); counters.clear()
+    compiled = torch.compile(fused, backend="aot_eager")
+    with torch.no_grad():
+        for seed in (1, 2):
+            batch = _batch(seed)
+            torch.testing.assert_close(compiled(input_ids=batch["input_ids"]).logits, ref(input_ids=batch["input_ids"]).logits,
+                                       atol=1e-5, rtol=1e-5)
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    torch._dynamo.reset()
