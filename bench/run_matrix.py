@@ -288,7 +288,7 @@ def main(argv=None):
     ap.add_argument("--ftlab-set", action="append", metavar="KEY=VALUE", help="passed to every ftlab run")
     ap.add_argument("--ftlab-variant", action="append", metavar="LABEL:KEY=VALUE[,KEY=VALUE...]",
                     help="run every ftlab row once per variant, with these extra keys (repeatable; e.g. "
-                         "kernels:lora_qkv_kernel=true,lora_o_kernel=true,lora_mlp_kernel=true)")
+                         "no-kernels:lora_qkv_kernel=false,lora_o_kernel=false,lora_mlp_kernel=false,use_liger_kernel=false)")
     ap.add_argument("--maxseq-impl", default="baseline", help="implementation for the maxseq preset")
     ap.add_argument("--fit-steps", type=int, default=2, help="steps per length in the maxseq preset")
     ap.add_argument("--maxseq-model", default="llama-3.1-8b", help="model for the maxseq preset")

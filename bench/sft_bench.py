@@ -29,7 +29,7 @@ Prints one line `BENCH_RESULT {json}` (and appends it to `--out` if given). Exit
 from __future__ import annotations
 import time
 T0 = time.time()   # process start, as near as Python gets
-import argparse, json, math, os, shlex, shutil, subprocess, sys, tempfile, traceback
+import argparse, contextlib, json, math, os, shlex, shutil, subprocess, sys, tempfile, traceback
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -43,8 +43,8 @@ MAXSEQ_LADDER = "32768,65536,98304,131072,196608,262144,327680,409600,524288"
 # Settings every implementation shares (the SFTConfig keywords below and the ftlab YAML say the same thing).
 LR, SCHEDULER, OPTIM = 2e-4, "constant", "adamw_torch_fused"
 LORA_R, LORA_ALPHA, LORA_DROPOUT = 16, 32, 0.0
-# ftlab keys added to every ftlab run's config; ftlab's own kernels will be switched on here
-# (e.g. {"lora_mlp_kernel": True, "lora_qkv_kernel": True, "lora_o_kernel": True}).
+# ftlab keys added to every ftlab run's config. ftlab's fused LoRA projections and Liger's kernels are on by default
+# on a GPU for the Llama / Mistral / Qwen2 / Qwen3 models here; e.g. {"use_liger_kernel": False} turns Liger off.
 FTLAB_EXTRA: dict = {}
 
 
@@ -562,10 +562,40 @@ def ftlab_yaml(a, folder: str, workdir: Path, extra: dict) -> str:
     return yaml.safe_dump(d, sort_keys=False)
 
 
+@contextlib.contextmanager
+def ftlab_run_hooks(cfg, info: dict, meter):
+    """Around an ftlab `Run.train`: the model load and trainer build timed into `info`, the `train()` call marked on
+    `meter`, and ftlab's end-of-run checkpoint and model save skipped (they come after the measurement, and the
+    baseline saves nothing; full fine-tunes would spend minutes of GPU time writing to disk)."""
+    import ftlab.methods as fm, ftlab.model as fmodel
+    orig_load, method = fmodel.load_model, fm.get_method(cfg)
+    orig_build = method.build
+    def load_model(*args, **kw):
+        t = time.time()
+        m = orig_load(*args, **kw)
+        info["load_s"] = round(time.time() - t, 2)
+        info["attn_implementation"] = m.config._attn_implementation
+        return m
+    def build(*args, **kw):
+        t = time.time()
+        trainer = orig_build(*args, **kw)
+        info["trainer_init_s"] = round(time.time() - t, 2)
+        train = trainer.train
+        def timed_train(*a_, **k_):
+            # set here, after the run has wrapped the trainer's saving (`atomic_checkpoints`), so nothing is saved
+            trainer._save_checkpoint = lambda *a_, **k_: None
+            trainer.save_model = lambda *a_, **k_: None
+            meter.t_train_call = time.time()
+            return train(*a_, **k_)
+        trainer.train = timed_train
+        return trainer
+    fmodel.load_model, method.build = load_model, build
+    try: yield
+    finally: fmodel.load_model, method.build = orig_load, orig_build
+
+
 def run_ftlab(a, folder: str, rows: list[dict], meter, info: dict, workdir: Path):
     "ftlab: config -> Run -> train, with the meter as an extra callback."
-    import dataclasses
-    import ftlab.methods as fm, ftlab.model as fmodel
     from ftlab.config import load_config
     from ftlab.run import Run
     extra = dict(FTLAB_EXTRA)
@@ -584,45 +614,40 @@ def run_ftlab(a, folder: str, rows: list[dict], meter, info: dict, workdir: Path
         fk.apply_fused_lora = functools.partial(fk.apply_fused_lora, share_input=False)
         info["ftlab_solo_lora"] = True
 
-    orig_load = fmodel.load_model
-    def load_model(*args, **kw):
-        t = time.time()
-        m = orig_load(*args, **kw)
-        info["load_s"] = round(time.time() - t, 2)
-        info["attn_implementation"] = m.config._attn_implementation
-        return m
-    fmodel.load_model = load_model
-
-    method = fm.get_method(cfg)
-    orig_build = method.build
-    def build(*args, **kw):
-        t = time.time()
-        trainer = orig_build(*args, **kw)
-        info["trainer_init_s"] = round(time.time() - t, 2)
-        # ftlab checkpoints and saves the model when training ends; that is outside the measurement (the baseline
-        # saves nothing), so skip it rather than spend minutes of GPU time writing full fine-tunes to disk.
-        trainer._save_checkpoint = lambda *a_, **k_: None
-        trainer.save_model = lambda *a_, **k_: None
-        train = trainer.train
-        def timed_train(*a_, **k_):
-            meter.t_train_call = time.time()
-            return train(*a_, **k_)
-        trainer.train = timed_train
-        return trainer
-    method.build = build
     run = Run(cfg, namespace={"rows": rows})
-    try:
+    with ftlab_run_hooks(cfg, info, meter):
         run.train(callbacks=[meter, *meter.extra])
-    finally:
-        method.build = orig_build
     return run.trainer
 
 
+def offline_env():
+    "No network for the libraries, no tokenizer threads, no advisory warnings (before anything imports them)."
+    for k, v in (("HF_HUB_OFFLINE", "1"), ("HF_DATASETS_OFFLINE", "1"), ("TOKENIZERS_PARALLELISM", "false"),
+                 ("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")): os.environ.setdefault(k, v)
+
+
+def child_setup(device: str):
+    "A benchmark process: offline, the libraries quiet, and the GPU it was asked for."
+    offline_env()
+    import torch
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda but torch sees no GPU (use --device cpu for checks)")
+    import datasets, transformers
+    datasets.disable_progress_bars()
+    transformers.utils.logging.set_verbosity_error()
+
+
+def record_failure(row: dict, e: BaseException):
+    "A run that failed is a result too: its status (`oom`, `error`) and the last line of the error in `row`."
+    msg = f"{type(e).__name__}: {e}".strip()
+    oom = type(e).__name__ == "OutOfMemoryError" or "out of memory" in str(e).lower()
+    row["status"] = "oom" if oom else "error"
+    row["error"] = "interrupted" if isinstance(e, KeyboardInterrupt) else (msg.splitlines()[-1][:400] or type(e).__name__)
+    if not oom: traceback.print_exc()
+
+
 def one_run(a) -> dict:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    offline_env()     # before Unsloth's import too
     cmd = "python bench/sft_bench.py " + shlex.join(sys.argv[1:])
     cfg_json = model_json(a.model)
     fpt = flops_per_token(cfg_json, a.seq)
@@ -638,12 +663,8 @@ def one_run(a) -> dict:
             os.environ.setdefault("UNSLOTH_DISABLE_STATISTICS", "1")
             import unsloth  # noqa: F401
             info["unsloth"] = unsloth.__version__
+        child_setup(a.device)
         import torch
-        if a.device == "cuda" and not torch.cuda.is_available():
-            raise RuntimeError("--device cuda but torch sees no GPU (use --device cpu for checks)")
-        import datasets, transformers
-        datasets.disable_progress_bars()
-        transformers.utils.logging.set_verbosity_error()
         folder, prep = ensure_model(a.model, a.cache, a.device)
         if prep: row["model_prepare"] = prep
         rows = make_rows(a.data, (a.warmup + a.steps) * a.batch, a.seq, cfg_json["vocab_size"], seed=a.seed)
@@ -660,12 +681,7 @@ def one_run(a) -> dict:
         trainer = runner(a, folder, rows, meter, info, workdir)
         row["status"] = "ok"
     except BaseException as e:  # noqa: BLE001 - a failing run is a result too
-        if isinstance(e, KeyboardInterrupt): row["error"] = "interrupted"
-        msg = f"{type(e).__name__}: {e}"
-        oom = type(e).__name__ == "OutOfMemoryError" or "out of memory" in str(e).lower()
-        row["status"] = "oom" if oom else "error"
-        row["error"] = msg.strip().splitlines()[-1][:400] if msg.strip() else type(e).__name__
-        if not oom: traceback.print_exc()
+        record_failure(row, e)
     row.update(info)
     if meter is not None and meter.extra and meter.extra[0].summary:
         row["profile_pct"] = meter.extra[0].summary
@@ -688,7 +704,7 @@ def one_run(a) -> dict:
         row["peak_rss_gib"] = _gib(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     except Exception: pass
     if a.label: row["variant"] = a.label
-    if trainer is not None and (a.impl == "liger" or info.get("ftlab_extra", {}).get("use_liger_kernel")):
+    if trainer is not None and getattr(trainer.args, "use_liger_kernel", False):
         row["liger_patched"] = liger_summary(trainer.model)
     if a.impl == "ftlab" and trainer is not None:
         try:

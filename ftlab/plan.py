@@ -35,6 +35,7 @@ class Plan:
     warnings: list = field(default_factory=list)
     strategy: str = "one process"        # what spreads the run over its processes (DDP, FSDP2, DeepSpeed ZeRO-n)
     strategy_note: str | None = None     # why that is not what the config asks for, where it is not
+    kernels: str = ""          # which of ftlab's and Liger's kernels will run (`ftlab.methods.kernel_choice`)
 
     def rows(self) -> list[tuple[str, str]]:
         pct = 100 * self.params_trainable / max(self.params_total, 1)
@@ -55,7 +56,7 @@ class Plan:
              f"{mem.get('optimizer', 0):.2f} + activations {mem.get('activations', 0):.2f}"
              + (f" · CPU memory for offloaded activations {mem['host']:.2f} GB" if "host" in mem else "")
              + (f" · CPU memory for offloaded {mem['offloaded_what']} {mem['offloaded']:.2f} GB" if "offloaded" in mem else "")),
-        ]
+        ] + ([("kernels", self.kernels)] if self.kernels else [])
 
     def __str__(self):
         w = max(len(k) for k, _ in self.rows())
@@ -144,9 +145,10 @@ def make_plan(cfg, prepared, processes: int | None = None, launched: bool | None
     from ftlab.config.parallel import strategy
     from ftlab.model import device_info
     processes = processes or world_size()
-    how = strategy(cfg, processes, device_info()["cuda"], (started() or processes > 1) if launched is None else launched)
     from ftlab.model import training_dtype
+    how = strategy(cfg, processes, device_info()["cuda"], (started() or processes > 1) if launched is None else launched)
     from ftlab.methods import steps_per_epoch
+    from ftlab.methods.kernel_choice import choose_kernels
     dtype = training_dtype(cfg)
     trainable, total, mcfg = count_params(cfg)
     rep = prepared.report
@@ -160,4 +162,5 @@ def make_plan(cfg, prepared, processes: int | None = None, launched: bool | None
                 eval_rows=len(prepared.eval) if prepared.eval is not None else 0, tokens=rep.tokens,
                 trained_tokens=rep.trained_tokens, effective_batch=cfg.effective_batch_size * processes, steps_per_epoch=spe,
                 total_steps=steps, memory_gb=estimate_memory(cfg, mcfg, trainable, total, dtype, how, processes),
-                warnings=prepared.warnings(), processes=processes, strategy=how.name, strategy_note=how.note)
+                warnings=prepared.warnings(), processes=processes, strategy=how.name, strategy_note=how.note,
+                kernels=choose_kernels(cfg, getattr(mcfg, "model_type", None), device_info()["cuda"]).summary())

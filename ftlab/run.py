@@ -169,9 +169,10 @@ def _stopped_before_training(self):
 def _fit(self, cfg, method, prepared, extra, ckpt, stop, callbacks):
     "Load the model, build the method's trainer and train it; the endings become events."
     import transformers
-    from ftlab.model import load_model, load_adapter, apply_kernels, attention_note, freeze_parameters, long_context_callback
+    from ftlab.model import (load_model, load_adapter, apply_kernels, attention_note, device_info, freeze_parameters,
+                             long_context_callback)
     from ftlab.health import HealthMonitor
-    from ftlab.methods.common import liger_note
+    from ftlab.methods.kernel_choice import choose_kernels, liger_account
     transformers.set_seed(cfg.seed)
     self.phase(f"loading the model {cfg.base_model}" + (f" ({cfg.adapter})" if cfg.adapter else " (full fine-tuning)"))
     model = load_model(cfg, self.tokenizer, method.head)
@@ -181,10 +182,14 @@ def _fit(self, cfg, method, prepared, extra, ckpt, stop, callbacks):
     events = event_callback(self.emit)
     self.loaded = None  # a model loaded earlier for chat() is not the one about to be trained
     self.phase(f"building the {cfg.method} trainer")
-    self.trainer = trainer = method.build(cfg, method, model, self.tokenizer, prepared, [events, *callbacks, stop], **extra)
+    # the kernels the config leaves automatic, decided for this model and machine; the trainer is built with them set
+    kernels = choose_kernels(cfg, getattr(model.config, "model_type", None), device_info()["cuda"])
+    built = kernels.apply(cfg)
+    self.trainer = trainer = method.build(built, method, model, self.tokenizer, prepared, [events, *callbacks, stop], **extra)
     atomic_checkpoints(trainer)
     events.strategy = ran = strategy_of(trainer)   # what Accelerate set up; the start event records it
-    for note in (attention_note(cfg), frozen, apply_kernels(cfg, trainer.model), liger_note(cfg), _strategy_note(cfg, ran)):
+    liger = liger_account(built) if kernels.liger else None
+    for note in (attention_note(cfg), frozen, *kernels.notes, apply_kernels(built, trainer.model), liger, _strategy_note(cfg, ran)):
         if note: self.emit({"event": "note", "step": 0, "message": note})
     long_ctx = long_context_callback(cfg, self.emit) if cfg.offload_activations or cfg.tiled_mlp else None
     if long_ctx: trainer.add_callback(long_ctx)

@@ -303,10 +303,10 @@ class TrackerKeys(Section):
 
 class KernelKeys(Section):
     "Fused kernels: ftlab's LoRA kernels and Liger-Kernel's."
-    lora_mlp_kernel: bool | None = F(None, "fused LoRA MLP kernel")
-    lora_qkv_kernel: bool | None = F(None, "fused LoRA QKV kernel")
-    lora_o_kernel: bool | None = F(None, "fused LoRA output-projection kernel")
-    use_liger_kernel: bool | None = F(None, "Liger kernels for the supported layers")
+    lora_mlp_kernel: bool | None = F(None, "ftlab's fused LoRA gate/up/down projections (unset: on with CUDA for Llama, Mistral, Qwen2/3)")
+    lora_qkv_kernel: bool | None = F(None, "ftlab's fused LoRA q/k/v projections (unset: on with CUDA for Llama, Mistral, Qwen2/3)")
+    lora_o_kernel: bool | None = F(None, "ftlab's fused LoRA output projection (unset: on with CUDA for Llama, Mistral, Qwen2/3)")
+    use_liger_kernel: bool | None = F(None, "Liger's RMSNorm, RoPE and SwiGLU kernels (unset: on with CUDA for Llama, Mistral, Qwen2/3)")
     liger_rope: bool | None = F(None, "Liger RoPE kernel")
     liger_rms_norm: bool | None = F(None, "Liger RMSNorm kernel")
     liger_rms_norm_gated: bool | None = F(None, "Liger gated RMSNorm kernel")

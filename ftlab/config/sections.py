@@ -228,6 +228,11 @@ class TRLConfig(Section):
     repetition_penalty: float | None = F(None, "penalty for repeated tokens (1 = none)", gt=0)
     generation_kwargs: dict[str, Any] | None = F(None, "more sampling parameters, e.g. `{stop_token_ids: [2]}`")
     chat_template_kwargs: dict[str, Any] | None = F(None, "arguments for the chat template, e.g. `{enable_thinking: false}`")
+    # generation with transformers (without vLLM)
+    cache_implementation: Choice("static", "offloaded_static", "dynamic", "offloaded", "quantized") | None = F(None, "KV cache of transformers' `generate`; `static` can be compiled (`generation_kwargs: {disable_compile: false}`)")
+    use_transformers_continuous_batching: bool | None = F(None, "generate with transformers' continuous batching (paged KV cache)")
+    transformers_continuous_batching_config: dict[str, Any] | None = F(None, "options of transformers' `ContinuousBatchingConfig`, e.g. `{max_memory_percent: 0.5}`")
+    use_transformers_paged: bool | None = F(None, "TRL's older name of `use_transformers_continuous_batching`")
     # rewards
     reward_funcs: list[str] | None = F(None, "reward functions: import paths, `@name` (notebook) or Hub reward-model ids")
     reward_weights: list[float] | None = F(None, "one weight per reward function")

@@ -9,9 +9,8 @@ from .registry import Panel
 
 # %% auto #0
 __all__ = ['LIGER_FLAGS', 'DDP_KEYS', 'LOSS_PANEL', 'GRAD_NORM_PANEL', 'steps_per_epoch', 'training_args', 'liger_kernel_config',
-           'liger_note', 'checkpointing_args', 'trackers', 'parallel_args', 'trainer_checkpointing', 'schedule_args',
-           'lr_lambda', 'trainer_args', 'select', 'peft_config', 'frozen_copy_needed', 'frozen_reference',
-           'make_trainer']
+           'checkpointing_args', 'trackers', 'parallel_args', 'trainer_checkpointing', 'schedule_args', 'lr_lambda',
+           'trainer_args', 'select', 'peft_config', 'frozen_copy_needed', 'frozen_reference', 'make_trainer']
 
 # %% ../../nbs/methods/01_common.ipynb #83f1cd2d
 def steps_per_epoch(cfg, n_rows: int, processes: int | None = None) -> int:
@@ -56,7 +55,7 @@ def training_args(cfg, n_train: int, has_eval: bool) -> dict:
     for k in ("adam_beta1", "adam_beta2", "adam_epsilon"):
         if getattr(cfg, k, None) is not None: kw[k] = getattr(cfg, k)
     liger = liger_kernel_config(cfg)
-    if liger is not None and dev["cuda"]:   # Liger's kernels are Triton GPU kernels: off on a CPU (`liger_note` says so)
+    if liger is not None and dev["cuda"]:   # Liger's kernels are Triton GPU kernels: off on a CPU (`choose_kernels` says so)
         kw.update(use_liger_kernel=True, liger_kernel_config=liger)
     if dev["cuda"] and cfg.tf32 is not None and cfg.tf32 != "auto": kw["tf32"] = bool(cfg.tf32)
     return kw
@@ -76,12 +75,6 @@ def liger_kernel_config(cfg) -> dict | None:
     # as in axolotl, once any flag is written the kernels it does not name stay off
     conf = {name: bool(flags.get(k)) for k in LIGER_FLAGS for name in LIGER_FLAGS[k]} if flags else {}
     return {**conf, "fused_linear_cross_entropy": False}
-
-def liger_note(cfg) -> str | None:
-    "Say so when the config asks for Liger's kernels and this machine has no CUDA GPU to run them."
-    from ftlab.model import device_info
-    if liger_kernel_config(cfg) is None or device_info()["cuda"]: return None
-    return "Liger's kernels (`use_liger_kernel` / `liger_*`) need a CUDA GPU: on this machine the model's own layers run"
 
 def checkpointing_args(on: bool, kwargs: dict | None) -> dict:
     "Activation checkpointing under the name this transformers knows (renamed from gradient_* in 5.18)."

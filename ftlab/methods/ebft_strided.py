@@ -10,6 +10,7 @@ from ..health import Rule
 from ..completions import store_completions
 from .registry import Panel
 from .common import frozen_reference, peft_config, training_args
+from .timing import TimedSteps
 
 # %% auto #0
 __all__ = ['FUSED_NOTE', 'STORED_BLOCKS', 'STRIDED_PANELS', 'STRIDED_RULES', 'ebft_data', 'prompt_length', 'row_anchors',
@@ -305,9 +306,10 @@ def strided_trainer_class():
     import torch
     from transformers import Trainer
     from ftlab.methods.ebft_math import feature_layer_indices
-    class FtlabStridedEBFTTrainer(Trainer):
+    class FtlabStridedEBFTTrainer(TimedSteps, Trainer):
         "EBFT on documents: block-parallel rollouts at anchors, feature-matching rewards per block, REINFORCE."
         store = True
+        PHASES = ("generation", "rewards", "update")
         def __init__(self, *args, ebft, model, feature_copy=None, peft_config=None, checkpointing=False, **kw):
             if peft_config is not None:
                 from peft import get_peft_model
@@ -332,7 +334,7 @@ def strided_trainer_class():
             net = self.feature_copy if self.feature_copy is not None else model
             off = contextlib.nullcontext() if self.feature_copy is not None else model.disable_adapter()
             was = net.training
-            with off:
+            with self.clock.phase("rewards"), off:     # the feature pass and the rewards computed in it
                 net.eval()
                 try: yield backbone_and_head(net)[0]
                 finally: net.train(was)
@@ -357,8 +359,9 @@ def strided_trainer_class():
         def rollouts(self, model, docs, anchors):
             "The sampled blocks `(R·n, B, G)` of the documents `docs` at `anchors`."
             e = self.ebft
-            return generate_blocks(self.accelerator.unwrap_model(model), docs.repeat_interleave(e.n_samples_per_prompt, 0),
-                                   anchors, e.generate_max_len, e.temperature, e.top_p)
+            with self.clock.phase("generation"):
+                return generate_blocks(self.accelerator.unwrap_model(model), docs.repeat_interleave(e.n_samples_per_prompt, 0),
+                                       anchors, e.generate_max_len, e.temperature, e.top_p)
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             e, mode = self.ebft, "train" if model.training else "eval"

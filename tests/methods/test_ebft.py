@@ -29,6 +29,7 @@ def test_a_run_logs_the_ebft_metrics(trained):
         assert {"ebft/reward", "ebft/alignment", "ebft/diversity", "ebft/cfm_loss", "rewards/feature_matching/mean"} <= set(r)
         assert r["ebft/reward"] == pytest.approx(r["rewards/feature_matching/mean"], abs=1e-5)
         assert r["ebft/reward"] == pytest.approx(r["ebft/alignment"] - r["ebft/diversity"], abs=1e-5)   # both coefs 1
+        assert r["timing/rewards"] > 0 and r["timing/generation"] > 0   # GRPO's clock: the feature reward is the rewards phase
     from ftlab.dashboard import Dashboard
     dash = Dashboard.for_run(trained, rich=False)
     assert {"alignment (to the reference)", "CFM loss"} <= {p.title for p in dash.panels}

@@ -115,6 +115,9 @@ def test_a_run_logs_the_strided_metrics_and_stores_its_blocks(trained):
     for r in logs:
         assert STRIDED_KEYS | {"ebft/ce_loss"} <= set(r) and r["ebft/num_blocks"] > 0
         assert r["ebft/mean_reward"] == pytest.approx(r["ebft/alignment"] - r["ebft/diversity"], abs=1e-4)
+        t = {k: v for k, v in r.items() if k.startswith("timing/")}    # rollouts, feature rewards, the rest
+        assert set(t) == {"timing/generation", "timing/rewards", "timing/update", "timing/step"} and min(t.values()) > 0
+        assert t["timing/generation"] + t["timing/rewards"] + t["timing/update"] <= t["timing/step"] * (1 + 1e-6)
     view = trained.completions(step=2)
     rows = view.rows
     assert rows and {"alignment", "diversity"} == set(rows[0]["parts"]) and rows[0]["reference"]
