@@ -79,12 +79,11 @@ def test_qlora_under_fsdp2_on_one_gpu_saves_sharded_checkpoints_and_resumes(tmp_
     adapter is saved whole."""
     from ftlab.events import read_metrics
     from ftlab.runfolder import checkpoints
-    exe = Path(sys.executable).parent / "ftlab"
     cfg = tmp_path / "fsdp.yaml"
     cfg.write_text(RUN_CONFIG.format(out=tmp_path / "out").replace("adapter: lora", "adapter: qlora\nload_in_4bit: true")
                    .replace("save_steps: 1000", "save_steps: 2")
                    + "fsdp_version: 2\nfsdp_config:\n  state_dict_type: SHARDED_STATE_DICT\n  activation_checkpointing: true\n")
-    run = lambda *a: subprocess.run([str(exe), "train", str(cfg), *a], capture_output=True, text=True, timeout=600, env=checkout_env())
+    run = lambda *a: subprocess.run([sys.executable, "-m", "ftlab", "train", str(cfg), *a], capture_output=True, text=True, timeout=600, env=checkout_env())
     r = run("--max-steps", "2")
     assert r.returncode == 0, r.stdout + r.stderr
     (start,) = [x for x in read_metrics(tmp_path / "out") if x["event"] == "start"]
