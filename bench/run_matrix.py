@@ -20,11 +20,15 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import sft_bench as sb  # noqa: E402  (no heavy imports at module level)
 
-IMPLS = ["baseline", "liger", "ftlab"]
+IMPLS = ["baseline", "liger", "ftlab", "unsloth"]
+# Unsloth pins older TRL and datasets than ftlab's, so its rows import from their own folder: set UNSLOTH_SITE to a
+# `pip install --target` folder holding unsloth, unsloth_zoo and the versions they need; it goes first on PYTHONPATH
+# for those rows only.
+PEERS = ["baseline", "liger", "ftlab"]
 BIG4 = ["llama-3.2-1b", "llama-3.2-3b", "llama-3.1-8b", "qwen2.5-7b"]
 
 
-def _p(models, modes, seqs, data, impls=IMPLS, grad_ckpt=False):
+def _p(models, modes, seqs, data, impls=PEERS, grad_ckpt=False):
     return dict(models=models, modes=modes, seqs=seqs, data=data, impls=impls, grad_ckpt=grad_ckpt)
 
 
@@ -38,6 +42,8 @@ PRESETS = {
     "full2k": _p(["llama-3.2-1b", "llama-3.2-3b"], ["full"], [2048], ["packed"]),
     "qlora": _p(["llama-3.1-8b"], ["qlora"], [2048, 4096], ["packed"]),
     "mix": _p(["llama-3.2-1b", "llama-3.1-8b"], ["lora"], [4096], ["mix"]),
+    "unsloth": _p(["llama-3.1-8b"], ["lora", "qlora"], [4096], ["packed"], impls=["baseline", "ftlab", "unsloth"]),
+    "unsloth-full": _p(["llama-3.2-3b"], ["full"], [4096], ["packed"], impls=["baseline", "ftlab", "unsloth"]),
 }
 SPECIAL = {"maxseq": "QLoRA 8B longest sequence at batch 1 (sft_bench.py --find-max-seq)"}
 
@@ -144,6 +150,8 @@ def run_child(cmd: list[str], timeout: float, log) -> tuple[dict | None, int | N
     "Run one child in its own process group; (its result row or None, exit code or None on timeout, last lines)."
     import tempfile
     env = dict(os.environ, PYTHONUNBUFFERED="1")
+    if "unsloth" in cmd and os.environ.get("UNSLOTH_SITE"):
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [os.environ["UNSLOTH_SITE"], os.environ.get("PYTHONPATH")]))
     with tempfile.TemporaryFile("w+") as buf:
         p = subprocess.Popen(cmd, stdout=buf, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True,
                              cwd=str(HERE.parent))
@@ -280,7 +288,7 @@ def main(argv=None):
     ap.add_argument("--ftlab-set", action="append", metavar="KEY=VALUE", help="passed to every ftlab run")
     ap.add_argument("--ftlab-variant", action="append", metavar="LABEL:KEY=VALUE[,KEY=VALUE...]",
                     help="run every ftlab row once per variant, with these extra keys (repeatable; e.g. "
-                         "kernels:lora_qkv_kernel=true,lora_o_kernel=true,lora_mlp_kernel=true)")
+                         "no-kernels:lora_qkv_kernel=false,lora_o_kernel=false,lora_mlp_kernel=false,use_liger_kernel=false)")
     ap.add_argument("--maxseq-impl", default="baseline", help="implementation for the maxseq preset")
     ap.add_argument("--fit-steps", type=int, default=2, help="steps per length in the maxseq preset")
     ap.add_argument("--maxseq-model", default="llama-3.1-8b", help="model for the maxseq preset")

@@ -29,7 +29,7 @@ Prints one line `BENCH_RESULT {json}` (and appends it to `--out` if given). Exit
 from __future__ import annotations
 import time
 T0 = time.time()   # process start, as near as Python gets
-import argparse, json, math, os, shlex, shutil, subprocess, sys, tempfile, traceback
+import argparse, contextlib, json, math, os, shlex, shutil, subprocess, sys, tempfile, traceback
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -43,8 +43,8 @@ MAXSEQ_LADDER = "32768,65536,98304,131072,196608,262144,327680,409600,524288"
 # Settings every implementation shares (the SFTConfig keywords below and the ftlab YAML say the same thing).
 LR, SCHEDULER, OPTIM = 2e-4, "constant", "adamw_torch_fused"
 LORA_R, LORA_ALPHA, LORA_DROPOUT = 16, 32, 0.0
-# ftlab keys added to every ftlab run's config; ftlab's own kernels will be switched on here
-# (e.g. {"lora_mlp_kernel": True, "lora_qkv_kernel": True, "lora_o_kernel": True}).
+# ftlab keys added to every ftlab run's config. ftlab's fused LoRA projections and Liger's kernels are on by default
+# on a GPU for the Llama / Mistral / Qwen2 / Qwen3 models here; e.g. {"use_liger_kernel": False} turns Liger off.
 FTLAB_EXTRA: dict = {}
 
 
@@ -508,6 +508,40 @@ def run_trl(a, folder: str, rows: list[dict], meter, info: dict, workdir: Path):
     return trainer
 
 
+UNSLOTH_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def run_unsloth(a, folder: str, rows: list[dict], meter, info: dict, workdir: Path):
+    """unsloth: its standard recipe (`FastLanguageModel.from_pretrained`, `get_peft_model` on all seven projections,
+    TRL's `SFTTrainer` as Unsloth patches it) with the baseline's settings. Unsloth was imported first (`one_run`)."""
+    import torch
+    from unsloth import FastLanguageModel
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+    t = time.time()
+    model, tokenizer = FastLanguageModel.from_pretrained(
+        folder, max_seq_length=a.seq, dtype=torch.bfloat16, load_in_4bit=a.mode == "qlora",
+        full_finetuning=a.mode == "full", local_files_only=True)
+    if a.mode != "full":
+        model = FastLanguageModel.get_peft_model(
+            model, r=LORA_R, lora_alpha=LORA_ALPHA, lora_dropout=LORA_DROPOUT, target_modules=UNSLOTH_TARGETS,
+            bias="none", use_gradient_checkpointing="unsloth" if a.grad_ckpt else False, random_state=a.seed)
+    info["load_s"] = round(time.time() - t, 2)
+    info["attn_implementation"] = getattr(model.config, "_attn_implementation", None)
+    t = time.time()
+    args = SFTConfig(
+        output_dir=str(workdir / "out"), bf16=True, per_device_train_batch_size=a.batch, gradient_accumulation_steps=1,
+        max_length=a.seq, packing=a.data == "mix", packing_strategy="bfd", learning_rate=LR,
+        lr_scheduler_type=SCHEDULER, optim=OPTIM, logging_steps=1, report_to="none", save_strategy="no",
+        max_steps=a.warmup + a.steps, **_ckpt_kwargs(SFTConfig, False))   # Unsloth checkpoints through get_peft_model
+    trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
+                         callbacks=[meter, *meter.extra])
+    info["trainer_init_s"] = round(time.time() - t, 2)
+    meter.t_train_call = time.time()
+    trainer.train()
+    return trainer
+
+
 def ftlab_yaml(a, folder: str, workdir: Path, extra: dict) -> str:
     "The ftlab config with the same settings as the baseline."
     import yaml
@@ -528,10 +562,40 @@ def ftlab_yaml(a, folder: str, workdir: Path, extra: dict) -> str:
     return yaml.safe_dump(d, sort_keys=False)
 
 
+@contextlib.contextmanager
+def ftlab_run_hooks(cfg, info: dict, meter):
+    """Around an ftlab `Run.train`: the model load and trainer build timed into `info`, the `train()` call marked on
+    `meter`, and ftlab's end-of-run checkpoint and model save skipped (they come after the measurement, and the
+    baseline saves nothing; full fine-tunes would spend minutes of GPU time writing to disk)."""
+    import ftlab.methods as fm, ftlab.model as fmodel
+    orig_load, method = fmodel.load_model, fm.get_method(cfg)
+    orig_build = method.build
+    def load_model(*args, **kw):
+        t = time.time()
+        m = orig_load(*args, **kw)
+        info["load_s"] = round(time.time() - t, 2)
+        info["attn_implementation"] = m.config._attn_implementation
+        return m
+    def build(*args, **kw):
+        t = time.time()
+        trainer = orig_build(*args, **kw)
+        info["trainer_init_s"] = round(time.time() - t, 2)
+        train = trainer.train
+        def timed_train(*a_, **k_):
+            # set here, after the run has wrapped the trainer's saving (`atomic_checkpoints`), so nothing is saved
+            trainer._save_checkpoint = lambda *a_, **k_: None
+            trainer.save_model = lambda *a_, **k_: None
+            meter.t_train_call = time.time()
+            return train(*a_, **k_)
+        trainer.train = timed_train
+        return trainer
+    fmodel.load_model, method.build = load_model, build
+    try: yield
+    finally: fmodel.load_model, method.build = orig_load, orig_build
+
+
 def run_ftlab(a, folder: str, rows: list[dict], meter, info: dict, workdir: Path):
     "ftlab: config -> Run -> train, with the meter as an extra callback."
-    import dataclasses
-    import ftlab.methods as fm, ftlab.model as fmodel
     from ftlab.config import load_config
     from ftlab.run import Run
     extra = dict(FTLAB_EXTRA)
@@ -550,45 +614,40 @@ def run_ftlab(a, folder: str, rows: list[dict], meter, info: dict, workdir: Path
         fk.apply_fused_lora = functools.partial(fk.apply_fused_lora, share_input=False)
         info["ftlab_solo_lora"] = True
 
-    orig_load = fmodel.load_model
-    def load_model(*args, **kw):
-        t = time.time()
-        m = orig_load(*args, **kw)
-        info["load_s"] = round(time.time() - t, 2)
-        info["attn_implementation"] = m.config._attn_implementation
-        return m
-    fmodel.load_model = load_model
-
-    method = fm.get_method(cfg)
-    orig_build = method.build
-    def build(*args, **kw):
-        t = time.time()
-        trainer = orig_build(*args, **kw)
-        info["trainer_init_s"] = round(time.time() - t, 2)
-        # ftlab checkpoints and saves the model when training ends; that is outside the measurement (the baseline
-        # saves nothing), so skip it rather than spend minutes of GPU time writing full fine-tunes to disk.
-        trainer._save_checkpoint = lambda *a_, **k_: None
-        trainer.save_model = lambda *a_, **k_: None
-        train = trainer.train
-        def timed_train(*a_, **k_):
-            meter.t_train_call = time.time()
-            return train(*a_, **k_)
-        trainer.train = timed_train
-        return trainer
-    method.build = build
     run = Run(cfg, namespace={"rows": rows})
-    try:
+    with ftlab_run_hooks(cfg, info, meter):
         run.train(callbacks=[meter, *meter.extra])
-    finally:
-        method.build = orig_build
     return run.trainer
 
 
+def offline_env():
+    "No network for the libraries, no tokenizer threads, no advisory warnings (before anything imports them)."
+    for k, v in (("HF_HUB_OFFLINE", "1"), ("HF_DATASETS_OFFLINE", "1"), ("TOKENIZERS_PARALLELISM", "false"),
+                 ("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")): os.environ.setdefault(k, v)
+
+
+def child_setup(device: str):
+    "A benchmark process: offline, the libraries quiet, and the GPU it was asked for."
+    offline_env()
+    import torch
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda but torch sees no GPU (use --device cpu for checks)")
+    import datasets, transformers
+    datasets.disable_progress_bars()
+    transformers.utils.logging.set_verbosity_error()
+
+
+def record_failure(row: dict, e: BaseException):
+    "A run that failed is a result too: its status (`oom`, `error`) and the last line of the error in `row`."
+    msg = f"{type(e).__name__}: {e}".strip()
+    oom = type(e).__name__ == "OutOfMemoryError" or "out of memory" in str(e).lower()
+    row["status"] = "oom" if oom else "error"
+    row["error"] = "interrupted" if isinstance(e, KeyboardInterrupt) else (msg.splitlines()[-1][:400] or type(e).__name__)
+    if not oom: traceback.print_exc()
+
+
 def one_run(a) -> dict:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    offline_env()     # before Unsloth's import too
     cmd = "python bench/sft_bench.py " + shlex.join(sys.argv[1:])
     cfg_json = model_json(a.model)
     fpt = flops_per_token(cfg_json, a.seq)
@@ -600,12 +659,12 @@ def one_run(a) -> dict:
     meter = trainer = None
     workdir = Path(tempfile.mkdtemp(prefix="run-", dir=Path(a.cache)))
     try:
+        if a.impl == "unsloth":   # before transformers, TRL and PEFT, which it patches
+            os.environ.setdefault("UNSLOTH_DISABLE_STATISTICS", "1")
+            import unsloth  # noqa: F401
+            info["unsloth"] = unsloth.__version__
+        child_setup(a.device)
         import torch
-        if a.device == "cuda" and not torch.cuda.is_available():
-            raise RuntimeError("--device cuda but torch sees no GPU (use --device cpu for checks)")
-        import datasets, transformers
-        datasets.disable_progress_bars()
-        transformers.utils.logging.set_verbosity_error()
         folder, prep = ensure_model(a.model, a.cache, a.device)
         if prep: row["model_prepare"] = prep
         rows = make_rows(a.data, (a.warmup + a.steps) * a.batch, a.seq, cfg_json["vocab_size"], seed=a.seed)
@@ -618,15 +677,11 @@ def one_run(a) -> dict:
         meter.extra = []
         if a.profile:
             meter.extra.append(profile_callback(a.warmup, 2, a.profile, f"{a.model}-{a.mode}-{a.impl}-{a.seq}"))
-        trainer = (run_ftlab if a.impl == "ftlab" else run_trl)(a, folder, rows, meter, info, workdir)
+        runner = {"ftlab": run_ftlab, "unsloth": run_unsloth}.get(a.impl, run_trl)
+        trainer = runner(a, folder, rows, meter, info, workdir)
         row["status"] = "ok"
     except BaseException as e:  # noqa: BLE001 - a failing run is a result too
-        if isinstance(e, KeyboardInterrupt): row["error"] = "interrupted"
-        msg = f"{type(e).__name__}: {e}"
-        oom = type(e).__name__ == "OutOfMemoryError" or "out of memory" in str(e).lower()
-        row["status"] = "oom" if oom else "error"
-        row["error"] = msg.strip().splitlines()[-1][:400] if msg.strip() else type(e).__name__
-        if not oom: traceback.print_exc()
+        record_failure(row, e)
     row.update(info)
     if meter is not None and meter.extra and meter.extra[0].summary:
         row["profile_pct"] = meter.extra[0].summary
@@ -649,7 +704,7 @@ def one_run(a) -> dict:
         row["peak_rss_gib"] = _gib(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     except Exception: pass
     if a.label: row["variant"] = a.label
-    if trainer is not None and (a.impl == "liger" or info.get("ftlab_extra", {}).get("use_liger_kernel")):
+    if trainer is not None and getattr(trainer.args, "use_liger_kernel", False):
         row["liger_patched"] = liger_summary(trainer.model)
     if a.impl == "ftlab" and trainer is not None:
         try:
@@ -743,7 +798,7 @@ def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", help="a name from bench/models/ (" + ", ".join(model_names()) + ")")
     ap.add_argument("--mode", choices=["full", "lora", "qlora"], default="lora")
-    ap.add_argument("--impl", choices=["baseline", "liger", "ftlab"], default="baseline")
+    ap.add_argument("--impl", choices=["baseline", "liger", "ftlab", "unsloth"], default="baseline")
     ap.add_argument("--seq", type=int, default=4096)
     ap.add_argument("--data", choices=["packed", "mix", "learn"], default="packed",
                     help="packed: random ids, rows of exactly seq; mix: length mix packed by TRL; learn: rows of seq "

@@ -110,8 +110,8 @@ def cmd_preprocess(args) -> int:
 # %% ../nbs/12_cli.ipynb #a3a20ab7
 def _processes(args) -> int:
     "Worker processes to start: `--num-processes`, else one per GPU named or visible; 1 inside a launch."
-    from ftlab.distributed import world_size
-    if args.launcher == "python" or world_size() > 1: return 1      # this process is a worker
+    from ftlab.distributed import launched
+    if args.launcher == "python" or launched(): return 1      # this process is a worker
     if args.num_processes: return args.num_processes
     if args.gpus: return len([g for g in args.gpus.split(",") if g.strip()])
     import torch
@@ -121,11 +121,15 @@ def cmd_train(args) -> int:
     import os
     from ftlab.run import Run
     from ftlab.methods import get_method
-    from ftlab.distributed import is_main, world_size, under_launcher, launch
+    from ftlab.distributed import is_main, world_size, under_launcher, launch, launched, launch_problem
     if args.gpus: os.environ["CUDA_VISIBLE_DEVICES"] = args.gpus
     cfg = _load(args, show_notes=not under_launcher())
     if args.max_steps is not None: cfg = cfg.model_copy(update={"max_steps": args.max_steps})
     n = _processes(args)
+    import torch
+    cuda = torch.cuda.is_available()
+    # DeepSpeed, and FSDP2 on GPUs, run only in processes a launcher started: one process is one worker then
+    spawn = n > 1 or (args.launcher != "python" and not launched() and bool(cfg.deepspeed or (cfg.fsdp_asked and cuda)))
     headline = get_method(cfg).figures
     tui = getattr(args, "tui", False)
     if tui and not sys.stdout.isatty():
@@ -140,7 +144,7 @@ def cmd_train(args) -> int:
     processes = n if n > 1 else world_size()
     run.resume_command = shlex.join(["ftlab", "train", args.config] + given
                                     + (["--num-processes", str(processes)] if processes > 1 else []) + ["--resume"])
-    if tui and (n > 1 or under_launcher()):
+    if tui and (spawn or under_launcher()):
         print("note: `--tui` follows one process; with several, run `ftlab watch OUTPUT_DIR` in another terminal",
               flush=True)
         tui = False
@@ -152,17 +156,24 @@ def cmd_train(args) -> int:
     elif not under_launcher():
         from ftlab.plan import make_plan
         run.observers.append(show)
-        print(make_plan(cfg, run.prepare(), processes), flush=True)   # the plan the notebook shows, before the model loads
+        print(make_plan(cfg, run.prepare(), processes, spawn or launched()), flush=True)   # the plan the notebook shows, before the model loads
     else:              # a worker: the command that launched it has shown the data and the plan
         run.prepare()
         if is_main(): run.observers.append(show)
-    if n > 1:          # the workers find the data prepared (cached) by this process
-        import torch
+    if spawn:          # the workers find the data prepared (cached) by this process
         from ftlab.runfolder import refuse_to_bury
+        from ftlab.config import Where
+        from ftlab.config.parallel import process_problems
         refuse_to_bury(cfg, resuming=bool(args.resume), overwrite=args.overwrite)   # before any worker starts
+        problem = launch_problem(cfg, will_launch=True)
+        if problem is not None: raise problem
+        found = process_problems(cfg, n)
+        if found: raise ConfigError(problems=[(cfg.where or Where()).problem(p, msg, fix) for p, msg, fix in found])
         flags = (["--resume"] if args.resume else []) + (["--overwrite"] if args.overwrite else [])
+        # (Accelerate turns DeepSpeed down in a process the environment tells to use the CPU; the training arguments'
+        # `use_cpu` keeps such a run on the CPU just the same)
         return launch(["train", args.config, *given, *flags, "--launcher", "python"], n, args.gpus,
-                      cpu=not torch.cuda.is_available())
+                      cpu=not cuda and not cfg.deepspeed)
     if dash is None: run.train(resume=True if args.resume else None, overwrite=args.overwrite)
     else:
         with dash: run.train(resume=True if args.resume else None, overwrite=args.overwrite)

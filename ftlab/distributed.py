@@ -15,6 +15,10 @@ def rank() -> int:
     "This process's rank (0 without a launcher)."
     return int(os.environ.get("RANK") or os.environ.get("LOCAL_RANK") or 0)
 
+def launched() -> bool:
+    "Whether a launcher (torchrun, `accelerate launch`, `ftlab train`) started this process, even as the only one."
+    return "LOCAL_RANK" in os.environ
+
 def is_main() -> bool:
     "Rank 0: the one process that writes the run folder (metrics, config, completions, final model) and reports."
     return rank() == 0
@@ -40,8 +44,9 @@ def gather(obj) -> list:
     return out
 
 # %% auto #0
-__all__ = ['STATUS_DIR_ENV', 'world_size', 'rank', 'is_main', 'any_rank', 'gather', 'under_launcher', 'report_status',
-           'read_statuses', 'summary', 'free_port', 'launch_command', 'launch']
+__all__ = ['STATUS_DIR_ENV', 'world_size', 'rank', 'launched', 'is_main', 'any_rank', 'gather', 'under_launcher', 'report_status',
+           'read_statuses', 'summary', 'launch_problem', 'strategy_of', 'save_whole', 'free_port', 'launch_command',
+           'launch']
 
 # %% ../nbs/33_distributed.ipynb #fa2b2444
 STATUS_DIR_ENV = "FTLAB_STATUS_DIR"
@@ -70,6 +75,48 @@ def summary(statuses: list[dict], n: int) -> tuple[int, list[str]]:
     if any(s["exit"] == 130 for s in statuses): return 130, []
     if len(statuses) < n: return 1, []      # a worker died without a word: the launcher's own report says how
     return 0, []
+
+# %% ../nbs/33_distributed.ipynb #04b3c100
+def launch_problem(cfg, will_launch: bool = False):
+    """Why `cfg` cannot train in this process as it was started (or, `will_launch`, in the workers about to be started
+    from it), as an `FtlabError`; None when it can."""
+    from ftlab.errors import FtlabError
+    if not cfg.deepspeed: return None
+    from ftlab.config.parallel import DeepSpeedError, read_deepspeed
+    try: ds = read_deepspeed(cfg.deepspeed, cfg.base_dir)
+    except DeepSpeedError as e: return FtlabError(e.message, key="deepspeed", fix=e.fix)
+    if not launched() and not will_launch:
+        return FtlabError("DeepSpeed runs in processes started by a launcher, and this one was not", key="deepspeed",
+                          fix="train with `ftlab train cfg.yaml` (it starts the workers, one per GPU or `--num-processes N`; "
+                              "not with `--launcher python`), or `torchrun --nproc_per_node N -m ftlab train cfg.yaml`")
+    from ftlab.model import training_dtype
+    dtype = training_dtype(cfg)
+    for key, on in (("bf16", dtype == "bfloat16"), ("fp16", dtype == "float16")):
+        v = (ds.data.get(key) or {}).get("enabled", "auto")
+        if v != "auto" and bool(v) != on:
+            return FtlabError(f"{ds.source} sets `{key}.enabled: {str(v).lower()}` but this run trains in {dtype} on this machine",
+                              key="deepspeed", fix=f"write `\"enabled\": \"auto\"` under `{key}` in the JSON (it then follows the config), "
+                                                   "use a preset that leaves the precision to the config (`zero3` rather than `zero3_bf16`), "
+                                                   f"or set `{'bf16: true' if key == 'bf16' else 'fp16: true'}`")
+    return None
+
+def strategy_of(trainer) -> str:
+    "What spreads this trainer's run over its processes, as Accelerate set it up: `DeepSpeed ZeRO-3`, `FSDP2`, `DDP`, `one process`."
+    from ftlab.config.parallel import fsdp_words, zero_words
+    state = trainer.accelerator.state
+    ds = getattr(state, "deepspeed_plugin", None)
+    if ds is not None: return zero_words(ds.deepspeed_config)
+    fsdp = getattr(state, "fsdp_plugin", None)
+    if fsdp is not None:
+        off = getattr(fsdp.cpu_offload, "offload_params", None)            # FSDP1's CPUOffload, FSDP2's policy class
+        if off is None: off = type(fsdp.cpu_offload).__name__ == "CPUOffloadPolicy"
+        return fsdp_words({"cpu_offload": off}).replace("FSDP2", f"FSDP{fsdp.fsdp_version}")
+    return "DDP" if trainer.accelerator.num_processes > 1 else "one process"
+
+def save_whole(trainer):
+    "Make the final save gather the whole model: FSDP checkpoints may be sharded, the trained model is one state dict."
+    fsdp = getattr(trainer.accelerator.state, "fsdp_plugin", None)
+    if fsdp is not None and "FULL_STATE_DICT" not in str(fsdp.state_dict_type): fsdp.set_state_dict_type("FULL_STATE_DICT")
 
 # %% ../nbs/33_distributed.ipynb #f73429aa
 def free_port() -> int:

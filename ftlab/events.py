@@ -75,8 +75,10 @@ def format_record(r: dict, headline=()) -> str | None:
     if e in ("interrupted",): return r["message"]
     if e == "start":
         ws = r.get("world_size") or 1
+        how = r.get("strategy")
         return (f"training: {r['max_steps']} steps" + (f" (from step {r['step']})" if r.get("step") else "")
-                + (f" on {ws} processes" if ws > 1 else (f" on {r['devices']}" if r.get("devices") else "")))
+                + (f" on {ws} processes" if ws > 1 else (f" on {r['devices']}" if r.get("devices") else ""))
+                + (f" · {how}" if how and how != "one process" else ""))
     if e == "save": return f"saved {r['checkpoint']}"
     return None
 
@@ -103,6 +105,7 @@ def event_callback(emit):
     class EventCallback(TrainerCallback):
         def __init__(self):
             self.t0 = time.time(); self.last = None; self.nan_step = self.nan_what = None
+            self.strategy = None    # what spreads the run over its processes (the run sets it once the trainer exists)
 
         def say(self, message: str, step: int | None = None):
             "A note from inside a step (a slow reward function), as an event like the others."
@@ -112,7 +115,8 @@ def event_callback(emit):
             self.t0 = time.time(); self.last = (self.t0, state.num_input_tokens_seen or 0)
             emit({"event": "start", "step": state.global_step, "max_steps": state.max_steps,
                   "epochs": args.num_train_epochs, "logging_steps": args.logging_steps,
-                  "devices": devices(args), "world_size": args.world_size})
+                  "devices": devices(args), "world_size": args.world_size,
+                  **({"strategy": self.strategy} if self.strategy else {})})
 
         def on_log(self, args, state, control, logs=None, **kw):
             logs = dict(logs or {})

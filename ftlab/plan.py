@@ -35,6 +35,9 @@ class Plan:
     warnings: list = field(default_factory=list)
     stream: str | None = None            # what a streamed `pretraining_dataset` is (its rows have no count)
     tokens_per_step: int | None = None   # a stream: tokens each optimizer step trains, across processes
+    strategy: str = "one process"        # what spreads the run over its processes (DDP, FSDP2, DeepSpeed ZeRO-n)
+    strategy_note: str | None = None     # why that is not what the config asks for, where it is not
+    kernels: str = ""          # which of ftlab's and Liger's kernels will run (`ftlab.methods.kernel_choice`)
 
     def rows(self) -> list[tuple[str, str]]:
         pct = 100 * self.params_trainable / max(self.params_total, 1)
@@ -49,10 +52,14 @@ class Plan:
                       + (f" · {self.steps_per_epoch} steps/epoch" if self.stream is None else "") + f" · {self.total_steps} steps"
                       + (f" · {self.tokens_per_step:,} tokens per step, {self.tokens_per_step * self.total_steps:,} in all"
                          if self.tokens_per_step else "")),
-            ("memory (est.)", f"≈ {mem.get('total', 0):.2f} GB = weights {mem.get('weights', 0):.2f} + optimizer & grads "
-                              f"{mem.get('optimizer', 0):.2f} + activations {mem.get('activations', 0):.2f}"
-                              + (f" · CPU memory for offloaded activations {mem['host']:.2f} GB" if "host" in mem else "")),
-        ]
+            *([("parallel", f"{self.strategy}" + (f" — {self.strategy_note}" if self.strategy_note else ""))]
+              if self.processes > 1 or self.strategy != "one process" or self.strategy_note else []),
+            ("memory (est.)" if self.processes == 1 else "memory per process (est.)",
+             f"≈ {mem.get('total', 0):.2f} GB = weights {mem.get('weights', 0):.2f} + optimizer & grads "
+             f"{mem.get('optimizer', 0):.2f} + activations {mem.get('activations', 0):.2f}"
+             + (f" · CPU memory for offloaded activations {mem['host']:.2f} GB" if "host" in mem else "")
+             + (f" · CPU memory for offloaded {mem['offloaded_what']} {mem['offloaded']:.2f} GB" if "offloaded" in mem else "")),
+        ] + ([("kernels", self.kernels)] if self.kernels else [])
 
     def _data(self) -> str:
         if self.stream is not None:
@@ -98,14 +105,15 @@ def count_params(cfg) -> tuple[int, int, object]:
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     return trainable, total + trainable, mcfg
 
-def estimate_memory(cfg, mcfg, trainable: int, total: int, dtype: str) -> dict:
-    "GB for weights, optimizer state with gradients, and activations of one micro-batch (a rough, stated estimate)."
+def estimate_memory(cfg, mcfg, trainable: int, total: int, dtype: str, how=None, processes: int = 1) -> dict:
+    """GB for weights, optimizer state with gradients, and activations of one micro-batch, on one process (a rough,
+    stated estimate); `how`: the `ftlab.config.parallel.Strategy`, whose sharded parts each process holds 1/`processes` of."""
     w_bytes = 0.55 if cfg.load_in_4bit else (1.0 if cfg.load_in_8bit else BYTES[dtype])   # nf4 + its scales
     frozen = total - trainable
     weights = frozen * w_bytes + trainable * (4 if cfg.adapter else BYTES[dtype])
     # AdamW keeps two fp32 moments per trainable weight, plus its gradient (8-bit optimizers keep 2 bytes of moments).
-    moments = 2 if "8bit" in (cfg.optimizer or "") else 8
-    optimizer = trainable * (moments + (4 if cfg.adapter else BYTES[dtype]))
+    moments = trainable * (2 if "8bit" in (cfg.optimizer or "") else 8)
+    grads = trainable * (4 if cfg.adapter else BYTES[dtype])
     h = getattr(mcfg, "hidden_size", 0) or 0
     L = getattr(mcfg, "num_hidden_layers", 0) or 0
     V = getattr(mcfg, "vocab_size", 0) or 0
@@ -121,20 +129,35 @@ def estimate_memory(cfg, mcfg, trainable: int, total: int, dtype: str) -> dict:
     kept = 0 if cfg.offload_activations else (1 if cfg.checkpointing else 17)
     working = 17 if cfg.checkpointing else 0
     activations = tokens * ((L * kept + working) * h * act_bytes + 2 * V * 4)
+    # Sharding: each process holds 1/N of the parts the strategy shards (ZeRO-1 the optimizer state, ZeRO-2 and the
+    # gradients, ZeRO-3 / FSDP2 and the weights); offloaded parts wait in CPU memory instead.
+    share = lambda part, b: b / processes if how is not None and part in how.sharded else b
+    moments, grads, weights = share("optimizer", moments), share("grads", grads), share("weights", weights)
+    offloaded = {part: b for part, b in (("optimizer", moments), ("weights", weights)) if how is not None and part in how.offloaded}
+    if "optimizer" in offloaded: moments = 0
+    if "weights" in offloaded: weights = 0
     gb = lambda b: b / 1024 ** 3
-    out = {"weights": gb(weights), "optimizer": gb(optimizer), "activations": gb(activations)}
+    out = {"weights": gb(weights), "optimizer": gb(moments + grads), "activations": gb(activations)}
     out["total"] = sum(out.values())
     if cfg.offload_activations: out["host"] = gb(tokens * L * h * act_bytes)   # CPU memory: the offloaded layer inputs
+    if offloaded:
+        out["offloaded"] = gb(sum(offloaded.values()))
+        out["offloaded_what"] = " and ".join("weights" if p == "weights" else "optimizer state" for p in offloaded)
     return out
 
 # %% ../nbs/15_plan.ipynb #c3caafdb
-def make_plan(cfg, prepared, processes: int | None = None) -> Plan:
+def make_plan(cfg, prepared, processes: int | None = None, launched: bool | None = None) -> Plan:
     """The plan for `cfg` with its prepared data (see `Run.prepare`); `processes`: how many the run will have (default:
-    this launch's world size). `micro_batch_size` is per process, so the effective batch counts all of them."""
-    from ftlab.distributed import world_size
+    this launch's world size), `launched`: whether a launcher starts them (default: this process was, or there are
+    several). `micro_batch_size` is per process, so the effective batch counts all of them."""
+    from ftlab.distributed import world_size, launched as started
+    from ftlab.config.parallel import strategy
+    from ftlab.model import device_info
     processes = processes or world_size()
     from ftlab.model import training_dtype
+    how = strategy(cfg, processes, device_info()["cuda"], (started() or processes > 1) if launched is None else launched)
     from ftlab.methods import steps_per_epoch
+    from ftlab.methods.kernel_choice import choose_kernels
     dtype = training_dtype(cfg)
     trainable, total, mcfg = count_params(cfg)
     rep, stream = prepared.report, getattr(prepared, "stream", None)
@@ -151,6 +174,8 @@ def make_plan(cfg, prepared, processes: int | None = None) -> Plan:
                 params_total=total, params_trainable=trainable, train_rows=len(prepared.train) if stream is None else 0,
                 eval_rows=len(prepared.eval) if prepared.eval is not None else 0, tokens=rep.tokens,
                 trained_tokens=rep.trained_tokens, effective_batch=batch, steps_per_epoch=spe,
-                total_steps=steps, memory_gb=estimate_memory(cfg, mcfg, trainable, total, dtype),
-                warnings=prepared.warnings(), processes=processes, stream=stream.describe() if stream is not None else None,
-                tokens_per_step=cfg.sequence_len * batch if stream is not None and stream.packed else None)
+                total_steps=steps, memory_gb=estimate_memory(cfg, mcfg, trainable, total, dtype, how, processes),
+                warnings=prepared.warnings(), processes=processes, strategy=how.name, strategy_note=how.note,
+                stream=stream.describe() if stream is not None else None,
+                tokens_per_step=cfg.sequence_len * batch if stream is not None and stream.packed else None,
+                kernels=choose_kernels(cfg, getattr(mcfg, "model_type", None), device_info()["cuda"]).summary())

@@ -20,3 +20,5 @@ def quiet_libraries():
     for lib in ("transformers", "trl", "peft", "accelerate", "datasets"):
         warnings.filterwarnings("ignore", category=FutureWarning, module=rf"{lib}(\..*)?$")
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    # TRL's trainers deprecate `use_liger_kernel` for Hub kernels (a download); ftlab switches it on by default on a GPU
+    warnings.filterwarnings("ignore", message=".*use_liger_kernel=True. is deprecated.*", category=FutureWarning)

@@ -12,7 +12,7 @@ from .events import MetricsLog, read_metrics, history, event_callback, stop_call
 from .inference import chat, score, save, merge
 from .quiet import quiet_libraries
 from .hub import check_hub
-from .distributed import is_main, world_size
+from .distributed import is_main, launch_problem, launched, save_whole, strategy_of, world_size
 from .runfolder import (DiskFullError, RunLock, atomic_checkpoints, claim_folder, disk_full_error, find_checkpoint, is_disk_full,
                         last_step, run_status)
 
@@ -129,6 +129,8 @@ def _train(self, max_steps: int | None = None, resume=None, callbacks=(), overwr
     lock = RunLock(self.output_dir)
     with _stop_signals(stop):
         try:
+            problem = launch_problem(cfg)        # DeepSpeed outside a launcher, or its precision against this machine's
+            if problem is not None: raise problem
             ckpt, notes = find_checkpoint(cfg, resume)
             prepared = self.prepare()            # a bad dataset fails here, before anything in output_dir changes
             # checks that need the data but not the model (GRPO's reward functions, a vLLM server)
@@ -168,9 +170,10 @@ def _stopped_before_training(self):
 def _fit(self, cfg, method, prepared, extra, ckpt, stop, callbacks):
     "Load the model, build the method's trainer and train it; the endings become events."
     import transformers
-    from ftlab.model import load_model, load_adapter, apply_kernels, attention_note, freeze_parameters, long_context_callback
+    from ftlab.model import (load_model, load_adapter, apply_kernels, attention_note, device_info, freeze_parameters,
+                             long_context_callback)
     from ftlab.health import HealthMonitor
-    from ftlab.methods.common import liger_note
+    from ftlab.methods.kernel_choice import choose_kernels, liger_account
     from ftlab.stream import StreamFollower
     transformers.set_seed(cfg.seed)
     self.phase(f"loading the model {cfg.base_model}" + (f" ({cfg.adapter})" if cfg.adapter else " (full fine-tuning)"))
@@ -181,11 +184,17 @@ def _fit(self, cfg, method, prepared, extra, ckpt, stop, callbacks):
     events = event_callback(self.emit)
     self.loaded = None  # a model loaded earlier for chat() is not the one about to be trained
     self.phase(f"building the {cfg.method} trainer")
-    self.trainer = trainer = method.build(cfg, method, model, self.tokenizer, prepared, [events, *callbacks, stop], **extra)
+    # the kernels the config leaves automatic, decided for this model and machine; the trainer is built with them set
+    kernels = choose_kernels(cfg, getattr(model.config, "model_type", None), device_info()["cuda"])
+    built = kernels.apply(cfg)
+    self.trainer = trainer = method.build(built, method, model, self.tokenizer, prepared, [events, *callbacks, stop], **extra)
     follower = StreamFollower(trainer, prepared.stream) if prepared.stream is not None else None
     atomic_checkpoints(trainer, [follower.save] if follower else [])
     resumed = follower.restore(ckpt) if follower and ckpt else None   # the stream goes on where the checkpoint left it
-    for note in (attention_note(cfg), frozen, apply_kernels(cfg, trainer.model), liger_note(cfg), resumed):
+    events.strategy = ran = strategy_of(trainer)   # what Accelerate set up; the start event records it
+    liger = liger_account(built) if kernels.liger else None
+    for note in (attention_note(cfg), frozen, *kernels.notes, apply_kernels(built, trainer.model), liger, _strategy_note(cfg, ran),
+                 resumed):
         if note: self.emit({"event": "note", "step": 0, "message": note})
     long_ctx = long_context_callback(cfg, self.emit) if cfg.offload_activations or cfg.tiled_mlp else None
     if long_ctx: trainer.add_callback(long_ctx)
@@ -233,6 +242,7 @@ def _fit(self, cfg, method, prepared, extra, ckpt, stop, callbacks):
                    "message": f"interrupted at step {step}. Resume with `{self.resume_command}`"})
         return self
     try:
+        save_whole(trainer)                  # the trained model is one state dict, however the checkpoints were sharded
         trainer.save_model(str(self.output_dir))
         self.tokenizer.save_pretrained(str(self.output_dir))
     except Exception as e:
@@ -242,6 +252,13 @@ def _fit(self, cfg, method, prepared, extra, ckpt, stop, callbacks):
     self.state = "finished"
     _end(self, step, "finished")
     return self
+
+def _strategy_note(cfg, ran: str) -> str | None:
+    "Why what runs is not what the config asked for (FSDP2 on a CPU is DDP), or None."
+    from ftlab.config.parallel import strategy
+    from ftlab.model import device_info
+    asked = strategy(cfg, world_size(), device_info()["cuda"], launched())
+    return asked.note if asked.note and not ran.startswith("FSDP") else None
 
 def _save_now(self, trainer):
     "A checkpoint of the last completed step, outside the trainer's own schedule, reported like the others."

@@ -11,9 +11,10 @@ from .events import METRICS_FILE, read_metrics
 from .completions import COMPLETIONS_FILE
 
 # %% auto #0
-__all__ = ['CHECKPOINT_PREFIX', 'SAVING_DIR', 'LOCK_FILE', 'WEIGHT_FILES', 'checkpoint_step', 'checkpoint_problem', 'checkpoints',
-           'find_checkpoint', 'folder_size', 'is_disk_full', 'DiskFullError', 'disk_full_error', 'atomic_checkpoints',
-           'RunLock', 'run_status', 'last_step', 'previous_run', 'clear_run', 'refuse_to_bury', 'claim_folder']
+__all__ = ['CHECKPOINT_PREFIX', 'SAVING_DIR', 'LOCK_FILE', 'WEIGHT_FILES', 'checkpoint_step', 'checkpoint_problem',
+           'sharded_problem', 'checkpoints', 'find_checkpoint', 'folder_size', 'is_disk_full', 'DiskFullError',
+           'disk_full_error', 'atomic_checkpoints', 'RunLock', 'run_status', 'last_step', 'previous_run', 'clear_run',
+           'refuse_to_bury', 'claim_folder']
 
 # %% ../nbs/28_runfolder.ipynb #7e301304
 CHECKPOINT_PREFIX = "checkpoint-"
@@ -34,6 +35,20 @@ def checkpoint_problem(path) -> str | None:
     except (ValueError, KeyError, TypeError): return "its trainer_state.json is cut short"
     empty = sorted(f.name for f in p.iterdir() if f.is_file() and f.stat().st_size == 0)
     if empty: return f"{', '.join(empty)} {'is' if len(empty) == 1 else 'are'} empty"
+    return sharded_problem(p)
+
+def sharded_problem(p: Path) -> str | None:
+    "What the sharded part of a checkpoint lacks: DeepSpeed's `global_stepN/` that `latest` names, FSDP's `.metadata`."
+    latest = p / "latest"
+    if latest.is_file():
+        tag = latest.read_text().strip()
+        shards = p / tag
+        if not tag or not shards.is_dir() or not any(shards.iterdir()): return f"its DeepSpeed state `{tag or '?'}/` is missing"
+        empty = sorted(f.name for f in shards.iterdir() if f.is_file() and f.stat().st_size == 0)
+        if empty: return f"{tag}/{empty[0]} is empty"
+    for d in sorted(p.glob("pytorch_model_fsdp_*")) + sorted(p.glob("optimizer_*")):
+        # torch's distributed checkpoint writes `.metadata` once every rank's shard is written
+        if d.is_dir() and not (d / ".metadata").is_file(): return f"its FSDP shards `{d.name}/` have no .metadata (their save did not finish)"
     return None
 
 def checkpoints(output_dir) -> tuple[list[Path], list[str]]:
@@ -132,15 +147,15 @@ def atomic_checkpoints(trainer, extras=()):
         try:
             save(model, trial, *args, **kw)
             for write in extras: write(staging / name, main)
-            if main: _fsync_tree(staging / name)
         except Exception as e:
             if main: shutil.rmtree(staging, ignore_errors=True)
             if is_disk_full(e, out): raise disk_full_error(out, name) from None
             raise
         finally:
             del trainer._get_output_dir
-        trainer.accelerator.wait_for_everyone()
+        trainer.accelerator.wait_for_everyone()    # every rank has written its part (DeepSpeed and FSDP shard the state)
         if not main: return
+        _fsync_tree(staging / name)
         final = out / name
         if final.exists():                         # the same step saved again (a resumed run's stop): replace it
             old = staging / f"replaced-{name}"

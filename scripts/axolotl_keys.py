@@ -6,7 +6,7 @@ PATH_TO_AXOLOTL is a checkout or a bare git repository (read at HEAD). The pydan
 `src/axolotl/utils/schemas/*.py` and the plugins' `src/axolotl/integrations/*/args.py` are parsed with `ast`
 (nothing of axolotl is imported): the fields of `AxolotlInputConfig` and its bases are the top-level keys, the
 fields of the dataset models the keys of a `datasets:` entry, and `trl:` / `vllm:` / `ebft:` / `special_tokens:`
-the keys of those sections. Each key records the file and class that declares it (`peft.LoraConfig`), so a
+/ `fsdp_config:` the keys of those sections. Each key records the file and class that declares it (`peft.LoraConfig`), so a
 reader of the table sees where it comes from; plugin keys record their plugin.
 """
 from __future__ import annotations
@@ -22,7 +22,8 @@ SCHEMAS = "src/axolotl/utils/schemas/"
 INTEGRATIONS = "src/axolotl/integrations/"
 DATASET_MODELS = ("SFTDataset", "DPODataset", "KTODataset", "StepwiseSupervisedDataset", "SyntheticDataset",
                   "PretrainingDataset")
-NESTED = {"trl": "TRLConfig", "vllm": "VllmConfig", "ebft": "EBFTConfig", "special_tokens": "SpecialTokensConfig"}
+NESTED = {"trl": "TRLConfig", "vllm": "VllmConfig", "ebft": "EBFTConfig", "special_tokens": "SpecialTokensConfig",
+          "fsdp_config": "FSDPConfig"}
 
 
 class Source:

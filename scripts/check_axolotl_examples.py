@@ -184,7 +184,8 @@ def pick(rows, n: int):
 def trial(rows, n: int, timeout: int = 600):
     results = []
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1",
-               TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(ROOT))
+               TOKENIZERS_PARALLELISM="false",   # this checkout first, then the caller's path (e.g. a deepspeed folder)
+               PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p))
     with tempfile.TemporaryDirectory() as tmp:
         for i, r in enumerate(pick(rows, n)):
             name, cfg = r[0], r[5]

@@ -5,6 +5,23 @@ from ftlab.events import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# a short LoRA run on the tiny model for tests that start `ftlab train` (`.format(out=OUTPUT_DIR)`)
+RUN_CONFIG = """base_model: ftlab:tiny
+adapter: lora
+lora_r: 8
+lora_alpha: 16
+lora_target_linear: true
+sequence_len: 128
+micro_batch_size: 2
+learning_rate: 0.002
+logging_steps: 1
+save_steps: 1000
+output_dir: {out}
+datasets:
+  - path: ftlab:data/chat.jsonl
+    type: chat_template
+"""
+
 # a LoRA config fragment that visibly learns on the tiny model in a few steps
 LORA = "adapter: lora\nlora_r: 8\nlora_alpha: 16\nlora_target_linear: true\nlearning_rate: 0.002\nmicro_batch_size: 8\n"
 

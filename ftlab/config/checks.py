@@ -12,6 +12,7 @@ from .keys import (AXOLOTL_ADAPTERS, AXOLOTL_DATASET_TYPES, AXOLOTL_OPTIMIZERS, 
                                AXOLOTL_SCHEDULERS, COVERED_PLUGINS, DATASET_TYPES, NEUTRAL_VALUES, RL_METHODS,
                                TRL_MISSING_KEYS, WIRED_TRACKERS)
 from .known import MOE, MULTI_GPU, MULTIMODAL, PLUGINS, plugin_folder
+from .parallel import DeepSpeedError, deepspeed_installed, fsdp_version, read_deepspeed
 from .schema import MULTIMODAL_CLASSES, NOT_TRANSFORMERS_CLASSES, Config
 from .sections import TYPE_KEYS
 from .source import Where
@@ -23,7 +24,7 @@ from ..errors import FtlabError
 # %% auto #0
 __all__ = ['CHECKS', 'registry', 'Found', 'method_words', 'check_data', 'check_stream', 'check_method', 'check_generation',
            'check_ebft', 'check_adapter', 'check_precision', 'check_schedule', 'check_kernels', 'check_trackers',
-           'cross_check', 'check_runnable']
+           'check_parallel', 'cross_check', 'check_runnable']
 
 # %% ../../nbs/config/06_checks.ipynb #00c47bea
 def registry() -> dict:
@@ -379,8 +380,95 @@ def check_trackers(cfg: Config, found: Found):
     for i, p in enumerate(cfg.plugins or []):
         if plugin_folder(p) in COVERED_PLUGINS: found.note(("plugins", i), f"plugin `{p}` is not needed: {COVERED_PLUGINS[plugin_folder(p)]}")
 
+# %% ../../nbs/config/06_checks.ipynb #50b6207c
+_NOT_FSDP2 = {"no_shard", "hybrid_shard", "hybrid_shard_zero2", "NO_SHARD", "HYBRID_SHARD", "HYBRID_SHARD_ZERO2"}
+_FSDP2_ONLY = "ftlab runs FSDP2, whose sharding is FULL_SHARD (`reshard_after_forward: true`) or SHARD_GRAD_OP (`false`)"
+_PREFERENCE = ("dpo", "ipo", "kto", "orpo", "simpo")
+
+def _check_deepspeed_file(cfg: Config, found: Found):
+    "The DeepSpeed config: readable, its fixed numbers agreeing with the config's keys, its own optimizer noted."
+    try: ds = read_deepspeed(cfg.deepspeed, cfg.base_dir)
+    except DeepSpeedError as e:
+        found.error(("deepspeed",), e.message, e.fix)
+        return None
+    if ds.note: found.note(("deepspeed",), ds.note)
+    for key, ours, theirs in (("train_micro_batch_size_per_gpu", "micro_batch_size", cfg.micro_batch_size),
+                              ("gradient_accumulation_steps", "gradient_accumulation_steps", cfg.gradient_accumulation_steps),
+                              ("gradient_clipping", "max_grad_norm", 1.0 if cfg.max_grad_norm is None else cfg.max_grad_norm)):
+        v = ds.data.get(key, "auto")
+        if v != "auto" and v != theirs:
+            found.error(("deepspeed",), f"{ds.source} sets `{key}: {fmt(v)}` but {ours} is {fmt(theirs)}",
+                        f"write `\"{key}\": \"auto\"` in the JSON (it then follows `{ours}`), or set `{ours}: {fmt(v)}`", (ours,))
+    for part in ("optimizer", "scheduler"):
+        if part in ds.data:
+            found.note(("deepspeed",), f"{ds.source} has its own `{part}` section: DeepSpeed's {part} is used and the config's "
+                       + ("`optimizer`" if part == "optimizer" else "`lr_scheduler`") + " is not")
+    return ds
+
+def check_parallel(cfg: Config, found: Found):
+    "Several processes: one sharding engine, FSDP2 only, the DeepSpeed config, and the combinations that do not run."
+    fsdp_key = "fsdp_config" if cfg.fsdp_config is not None else "fsdp"
+    ds = _check_deepspeed_file(cfg, found) if cfg.deepspeed else None
+    if cfg.deepspeed and not deepspeed_installed():
+        found.error(("deepspeed",), "`deepspeed` asks for DeepSpeed ZeRO, and the deepspeed package is not installed",
+                    "`pip install deepspeed` (on a machine without CUDA: `DS_BUILD_OPS=0 pip install deepspeed`), or remove `deepspeed`")
+    if cfg.deepspeed and cfg.fsdp_asked:
+        found.error(("deepspeed",), f"deepspeed and {found.at(fsdp_key)} both choose how the model is sharded",
+                    "keep one: DeepSpeed ZeRO (`deepspeed:`) or FSDP2 (`fsdp_version: 2` with `fsdp_config:`)", (fsdp_key,))
+    inner = cfg.fsdp_config.fsdp_version if cfg.fsdp_config is not None else None
+    if cfg.fsdp_version and inner and cfg.fsdp_version != inner:
+        found.error(("fsdp_config", "fsdp_version"), f"fsdp_config.fsdp_version: {inner} disagrees with {found.at('fsdp_version')}: {cfg.fsdp_version}",
+                    "keep one of them", ("fsdp_version",))
+    elif fsdp_version(cfg) == 1:
+        k = ("fsdp_version",) if cfg.fsdp_version else ("fsdp_config", "fsdp_version")
+        found.error(k, "`fsdp_version: 1` asks for FSDP1, and ftlab runs FSDP2 (transformers deprecates FSDP1)",
+                    "write `fsdp_version: 2`: the `fsdp_config` keys mean the same there, and FSDP1-only ones are ignored with a note")
+    elif cfg.fsdp_asked and fsdp_version(cfg) is None:
+        found.note((fsdp_key,), f"`{fsdp_key}` without `fsdp_version`: axolotl would run FSDP1 here; ftlab runs FSDP2 (write `fsdp_version: 2` to say so)")
+    if cfg.fsdp_version and not cfg.fsdp_asked:
+        found.note(("fsdp_version",), "`fsdp_version` turns nothing on by itself: add an `fsdp_config:` section (`fsdp_config: {}` for FSDP2's defaults)")
+    for i, x in enumerate(cfg.fsdp or []):
+        if x in _NOT_FSDP2:
+            found.error(("fsdp", i), f"fsdp: {x} is an FSDP1 sharding strategy", _FSDP2_ONLY + ": write `full_shard` or `shard_grad_op`")
+    if cfg.fsdp and not set(cfg.fsdp) & _NOT_FSDP2:
+        found.note(("fsdp",), "`fsdp:` (axolotl's older list) is read as FSDP2's options: full_shard is reshard_after_forward: true, "
+                              "shard_grad_op false, offload offloads to CPU, auto_wrap wraps each transformer layer")
+    fc = cfg.fsdp_config
+    if fc is not None:
+        if fc.sharding_strategy in _NOT_FSDP2:
+            found.error(("fsdp_config", "sharding_strategy"), f"sharding_strategy: {fc.sharding_strategy} is FSDP1's", _FSDP2_ONLY)
+        if fc.auto_wrap_policy == "SIZE_BASED_WRAP" and not fc.min_num_params:
+            found.error(("fsdp_config", "auto_wrap_policy"), "`auto_wrap_policy: SIZE_BASED_WRAP` needs `min_num_params`",
+                        "add `min_num_params: 100000000` (modules above 100M parameters are sharded on their own) under `fsdp_config:`")
+        if fc.transformer_layer_cls_to_wrap and fc.auto_wrap_policy in ("SIZE_BASED_WRAP", "NO_WRAP"):
+            found.note(("fsdp_config", "transformer_layer_cls_to_wrap"), f"`transformer_layer_cls_to_wrap` is ignored with `auto_wrap_policy: {fc.auto_wrap_policy}`")
+        if fc.activation_checkpointing and cfg.gradient_checkpointing:
+            found.note(("fsdp_config", "activation_checkpointing"), "`fsdp_config.activation_checkpointing` and `gradient_checkpointing` both "
+                       "recompute activations: under FSDP2 FSDP's own is used and the trainer's is off (transformers refuses both)",
+                       ("gradient_checkpointing",))
+    if cfg.fsdp_asked:
+        if cfg.load_in_8bit:
+            found.error(("load_in_8bit",), f"FSDP2 ({found.at(fsdp_key)}) cannot shard 8-bit (LLM.int8) weights",
+                        "use `load_in_4bit: true` (QLoRA: its 4-bit weights are stored in the compute dtype, which FSDP2 shards), or DeepSpeed ZeRO-2 (`deepspeed: zero2`)", (fsdp_key,))
+        elif cfg.load_in_4bit and cfg.method in _PREFERENCE:
+            found.error(("load_in_4bit",), f"FSDP2 ({found.at(fsdp_key)}) with a 4-bit model does not run {method_words(cfg.method)} (axolotl refuses it too)",
+                        "use DeepSpeed ZeRO-2 (`deepspeed: zero2`) for this method with a 4-bit model, or LoRA on the unquantized model", (fsdp_key,), ("rl",))
+        if cfg.optimizer in ("adamw_8bit", "adamw_bnb_8bit"):
+            found.error(("optimizer",), f"`optimizer: {cfg.optimizer}` (bitsandbytes' 8-bit AdamW) fails under FSDP2 ({found.at(fsdp_key)})",
+                        "use `optimizer: adamw_torch_8bit` (torchao's 8-bit AdamW works with FSDP2)", (fsdp_key,))
+    if ds is not None and ds.stage == 3 and (cfg.load_in_4bit or cfg.load_in_8bit):
+        k = "load_in_4bit" if cfg.load_in_4bit else "load_in_8bit"
+        found.error((k,), f"DeepSpeed ZeRO-3 ({ds.source}, {found.at('deepspeed')}) cannot partition a model loaded with `{k}: true`: "
+                    "ftlab loads the weights before DeepSpeed starts",
+                    "use ZeRO-2 (`deepspeed: zero2`: optimizer state and gradients sharded), FSDP2 for QLoRA (`fsdp_version: 2`), or remove the quantization", ("deepspeed",))
+    if cfg.sharded:
+        engine = "DeepSpeed" if cfg.deepspeed else "FSDP2"
+        for k in ("ddp_bucket_cap_mb", "ddp_broadcast_buffers", "ddp_find_unused_parameters"):
+            if getattr(cfg, k) is not None:
+                found.note((k,), f"`{k}` tunes DDP, and this run uses {engine}: it has no effect (`ddp_timeout` still applies)")
+
 CHECKS = (check_data, check_stream, check_method, check_generation, check_ebft, check_adapter, check_precision, check_schedule,
-          check_kernels, check_trackers)
+          check_kernels, check_trackers, check_parallel)
 
 def cross_check(cfg: Config, found: Found) -> Found:
     "Run every concern of `CHECKS` on `cfg`; what they find is in `found`."

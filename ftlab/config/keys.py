@@ -86,8 +86,8 @@ IGNORED_KEYS: dict[str, str] = {
     "hf_use_auth_token": "your Hugging Face login (HF_TOKEN) is used when needed",
     "save_safetensors": "ftlab always saves safetensors",
     "tokenizer_use_fast": "ftlab loads the fast tokenizer", "tokenizer_legacy": "ftlab loads the fast tokenizer",
-    **{k: "it tunes training across several processes; this version trains in one"
-       for k in ("ddp_timeout", "ddp_bucket_cap_mb", "ddp_broadcast_buffers", "ddp_find_unused_parameters")},
+    "ddp": "the launcher decides (`ftlab train --num-processes N`)",
+    "fsdp_final_state_dict_type": "ftlab saves the final model whole (a full state dict, loadable with from_pretrained)",
     "dataloader_num_workers": "ftlab chooses the data-loader settings",
     "dataloader_pin_memory": "ftlab chooses the data-loader settings",
     "dataloader_prefetch_factor": "ftlab chooses the data-loader settings",
@@ -124,7 +124,6 @@ IGNORED_PREFIXES: dict[str, str] = {
     "unsloth_": "ftlab uses its own kernels (`lora_*_kernel`)",
     "comet_": "Comet is not wired as a tracker", "swanlab_": "SwanLab is not wired as a tracker",
 }
-_ONE_DEVICE = MORE_UNSUPPORTED["deepspeed"]
 UNSUPPORTED_KEYS: dict[str, str] = {
     **MORE_UNSUPPORTED,   # the features left out (several GPUs, multimodal, MoE kernels) and the rest of axolotl's keys
     "gptq": "use `load_in_4bit: true` (bitsandbytes) instead of a GPTQ model",
@@ -143,7 +142,7 @@ UNSUPPORTED_KEYS: dict[str, str] = {
 UNSUPPORTED_PREFIXES: dict[str, str] = {
     "relora": "remove the `relora*` keys (ReLoRA is not built yet)",
     "lisa_": "remove the `lisa_*` keys (LISA is not built yet)",
-    "fsdp_": _ONE_DEVICE, "gptq_": "use `load_in_4bit: true` instead of a GPTQ model",
+    "gptq_": "use `load_in_4bit: true` instead of a GPTQ model",
 }
 NEUTRAL_VALUES: dict[str, Any] = {"sequence_parallel_degree": 1, "context_parallel_size": 1,
                                   "tensor_parallel_size": 1, "dp_shard_size": 1, "neftune_noise_alpha": 0,

@@ -27,22 +27,23 @@ def axolotl_keys(section: str = "top") -> dict[str, str]:
 MULTI_GPU = "multi-GPU keys"
 MULTIMODAL = "multimodal models"
 MOE = "MoE expert kernels and quantization"
-_ONE_DEVICE = "remove it: this version of ftlab trains on one device (multi-GPU through Accelerate comes later)"
+_ONE_DEVICE = ("remove it: ftlab spreads training over processes with DDP, FSDP2 (`fsdp_version: 2`) or DeepSpeed ZeRO "
+               "(`deepspeed:`); sequence, context, tensor and expert parallelism are not built yet")
 _MULTIMODAL_FIX = "train a text-only model, or run this config with axolotl for now"
 _MOE_FIX = "remove it: ftlab trains MoE models with the experts as transformers defines them (no fused or quantized expert kernels yet)"
 
 def _each(keys: str, text: str) -> dict[str, str]:
     return {k: text for k in keys.split()}
 
-# key -> the feature it belongs to, said in its refusal: "`fsdp` is not supported yet: multi-GPU keys"
+# key -> the feature it belongs to, said in its refusal: "`sequence_parallel_degree` is not supported yet: multi-GPU keys"
 UNSUPPORTED_TOPICS: dict[str, str] = {
-    **_each("deepspeed deepcompile fsdp fsdp_config fsdp_version sequence_parallel_degree context_parallel_size "
-            "tensor_parallel_size dp_shard_size dp_replicate_size ring_attn_func heads_k_stride use_ray ray_num_workers "
-            "ray_run_name resources_per_worker ddp fp8_enable_fsdp_float8_all_gather", MULTI_GPU),
+    **_each("deepcompile sequence_parallel_degree context_parallel_size tensor_parallel_size dp_shard_size "
+            "dp_replicate_size ring_attn_func heads_k_stride use_ray ray_num_workers ray_run_name resources_per_worker "
+            "fp8_enable_fsdp_float8_all_gather", MULTI_GPU),
     **_each("processor_type processor_kwargs image_size image_resize_algorithm role_boundaries freeze_mm_modules", MULTIMODAL),
     **_each("quantize_moe_experts llama4_linearized_experts", MOE),
 }
-UNSUPPORTED_TOPIC_PREFIXES = {"fsdp_": MULTI_GPU}
+UNSUPPORTED_TOPIC_PREFIXES: dict[str, str] = {}
 # a neutral value of a not-supported key asks for nothing: it is accepted
 MORE_NEUTRAL_VALUES = {"dp_replicate_size": 1}
 

@@ -70,6 +70,10 @@ def _suggest(key, cls, path) -> tuple[str, str]:
                 "`text_column`", "remove it, or list this dataset under `datasets:` to use its format")
     if cls is not Config and (key in Config.model_fields or Config.key_kind(key)):
         return f" — `{key}` is a top-level key", f"move it out of `{key_text(path)}` to the top level"
+    if cls is Config:
+        for name, sub in Config.SECTIONS.items():
+            if sub.PREFIX and key.startswith(sub.PREFIX) and sub.key_kind(key) == "alias":
+                return f" — `{key}` belongs under `{name}:`", f"move it under `{name}:`"
     near = near_spelling(key, cls.known_keys())
     if near: return f" — did you mean `{near}`?", f"rename it to `{near}`"
     if cls is Config:
@@ -82,8 +86,12 @@ def _suggest(key, cls, path) -> tuple[str, str]:
             if n2: return f" — did you mean `{name}.{n2}`?", f"write it as `{n2}` under `{name}:`"
     return "", "remove it, or check the spelling against the config reference"
 
+def _rename(where: Where, kp: tuple, new: tuple):
+    "Keep the YAML lines of the key at `kp` (and of what it holds) under its new path `new`."
+    for p in [p for p in where.lines if p[:len(kp)] == kp]: where.lines[new + p[len(kp):]] = where.lines[p]
+
 def _check_keys(data: dict, cls, path: tuple, where: Where, problems: list, notes: list) -> dict:
-    out = {}
+    out, prefixed = {}, []
     for key, value in data.items():
         kp = path + (key,)
         if not isinstance(key, str):
@@ -92,13 +100,14 @@ def _check_keys(data: dict, cls, path: tuple, where: Where, problems: list, note
         if value is None: continue        # an empty value means "not set"
         kind = cls.key_kind(key)
         if kind == "alias":
-            target = cls.ALIASES[key]
+            target = cls.alias_of(key)
             if data.get(target) is not None:
                 problems.append(where.problem(kp, f"`{key_text(kp)}` is axolotl's other name of `{target}`, which is set too",
                                               fix=f"keep `{target}` only"))
                 continue
-            notes.append((kp, f"`{key_text(kp)}` is axolotl's other name of `{target}`; read as `{target}`"))
-            for p in [p for p in where.lines if p[:len(kp)] == kp]: where.lines[path + (target,) + p[len(kp):]] = where.lines[p]
+            if key in cls.ALIASES: notes.append((kp, f"`{key_text(kp)}` is axolotl's other name of `{target}`; read as `{target}`"))
+            else: prefixed.append(key)      # an older spelling with the section's prefix: one note for all of them
+            _rename(where, kp, path + (target,))
             key, kp = target, path + (target,)
             kind = cls.key_kind(key)
         if kind == "field" and isinstance(value, bool) and counts_not_flags(cls, key):
@@ -120,6 +129,9 @@ def _check_keys(data: dict, cls, path: tuple, where: Where, problems: list, note
         else:
             hint, fix = _suggest(key, cls, path)
             problems.append(where.problem(kp, f"unknown key `{key}`{hint}", fix=fix))
+    if prefixed:
+        notes.append((path, f"`{key_text(path)}`: {', '.join(prefixed)} {'is' if len(prefixed) == 1 else 'are'} read without the "
+                            f"`{cls.PREFIX}` prefix, as axolotl does (its older spelling)"))
     return out
 
 # %% ../../nbs/config/07_load.ipynb #7181d103
@@ -192,6 +204,7 @@ def load_config(source, overrides=None, *, base_dir=None, check_support: bool = 
     cfg, vprobs, broken = validate(data, where)
     problems += vprobs
     if cfg is not None:
+        cfg.record_source(where, base_dir=base_dir, order=order)   # the checks resolve paths (a DeepSpeed file) against it
         cprobs, cnotes = cross_check(cfg, Found(where, require_datasets=require_datasets)).kept(broken)
         problems += cprobs
         notes += cnotes

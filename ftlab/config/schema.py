@@ -15,15 +15,15 @@ from pydantic import BeforeValidator, Field, PrivateAttr, model_validator
 from .keys import (ALIASES, AXOLOTL_ADAPTERS, AXOLOTL_OPTIMIZERS, AXOLOTL_SCHEDULERS, IGNORED_KEYS,
                                IGNORED_PREFIXES, LR_SCHEDULERS, OPTIMIZERS, RL_METHODS, UNSUPPORTED_KEYS,
                                UNSUPPORTED_PREFIXES, UNSUPPORTED_TOPIC_PREFIXES, UNSUPPORTED_TOPICS)
-from .sections import (F, DatasetConfig, EBFTConfig, PretrainingDataset, Section, SpecialTokens, TRLConfig, VLLMConfig,
-                       stream_entries)
+from .sections import (F, DatasetConfig, EBFTConfig, FSDPConfig, PretrainingDataset, Section, SpecialTokens,
+                                   TRLConfig, VLLMConfig, stream_entries)
 from .values import (BoolOrAuto, Choice, GradientCheckpointing, PositiveNumber, ResumeFrom, TargetModules,
                                  TextOrBool, ValSetSize, bad_value, close_match, name_check, name_list, value_text)
 
 # %% auto #0
 __all__ = ['AdapterName', 'OptimizerName', 'SchedulerName', 'MethodName', 'MODEL_CLASS_TASKS', 'MULTIMODAL_CLASSES',
-           'NOT_TRANSFORMERS_CLASSES', 'ModelType', 'ModelKeys', 'AdapterKeys', 'DataKeys', 'TrainingKeys',
-           'TrackerKeys', 'KernelKeys', 'MethodKeys', 'Config']
+           'NOT_TRANSFORMERS_CLASSES', 'ModelType', 'FSDP_OPTIONS', 'ModelKeys', 'AdapterKeys', 'DataKeys',
+           'TrainingKeys', 'ParallelKeys', 'TrackerKeys', 'KernelKeys', 'MethodKeys', 'Config']
 
 # %% ../../nbs/config/03_schema.ipynb #a84e91c6
 AdapterName = Annotated[str, name_check(lambda: ("lora", "qlora"), also=lambda: AXOLOTL_ADAPTERS,
@@ -249,6 +249,48 @@ class TrainingKeys(Section):
         "Whether activations are recomputed in the backward (asked for, or implied by offloading them)."
         return bool(self.gradient_checkpointing) or self.offload_activations
 
+# %% ../../nbs/config/03_schema.ipynb #84259d3b
+FSDP_OPTIONS = ("full_shard", "shard_grad_op", "offload", "auto_wrap", "no_shard", "hybrid_shard", "hybrid_shard_zero2")
+
+def _deepspeed(v, info):
+    if isinstance(v, dict): return v
+    if isinstance(v, str) and v.strip(): return v.strip()
+    raise bad_value(f"deepspeed must be a preset name, a JSON file or a mapping; got {value_text(v)}",
+                    "write e.g. `deepspeed: zero2` (a preset that ships with ftlab), `deepspeed: ds_config.json`, or the JSON as a mapping")
+
+def _fsdp_list(v, info):
+    items = v.split() if isinstance(v, str) else v
+    if not isinstance(items, list) or not all(isinstance(x, str) for x in items):
+        raise bad_value(f"fsdp must be a list of FSDP options such as [full_shard, auto_wrap]; got {value_text(v)}",
+                        "write `fsdp_version: 2` and an `fsdp_config:` section instead (axolotl's current form)")
+    for x in items:
+        if x not in FSDP_OPTIONS:
+            near = close_match(x, FSDP_OPTIONS)
+            raise bad_value(f"fsdp: {x!r} is not an FSDP option ({name_list(FSDP_OPTIONS)})" + (f" — did you mean `{near}`?" if near else ""),
+                            "write e.g. `fsdp: [full_shard, auto_wrap]`, or `fsdp_version: 2` with `fsdp_config:`")
+    return items
+
+class ParallelKeys(Section):
+    "Several processes: DeepSpeed ZeRO, FSDP2 and DDP's options (the launcher starts the processes: `ftlab train --num-processes N`)."
+    deepspeed: Annotated[str | dict[str, Any], BeforeValidator(_deepspeed)] | None = F(None, "DeepSpeed ZeRO: a preset (zero1, zero2, zero3, zero3_bf16, ... see ftlab:deepspeed/), a JSON file, or the JSON as a mapping")
+    fsdp_version: int | None = F(None, "FSDP version: 2 (ftlab runs FSDP2)", ge=1, le=2)
+    fsdp_config: FSDPConfig | None = F(None, "FSDP2's options; the section turns FSDP on")
+    fsdp: Annotated[list[str], BeforeValidator(_fsdp_list)] | None = F(None, "axolotl's older form: FSDP1 options such as [full_shard, auto_wrap] (read as FSDP2 options)")
+    ddp_timeout: int | None = F(None, "seconds a collective waits for the other processes before failing (default 1800)", gt=0)
+    ddp_bucket_cap_mb: int | None = F(None, "DDP: size in MB of the buckets gradients are reduced in", gt=0)
+    ddp_broadcast_buffers: bool | None = F(None, "DDP: copy rank 0's buffers to the others before each forward")
+    ddp_find_unused_parameters: bool | None = F(None, "DDP: look for parameters the forward did not use (for models that skip layers)")
+
+    @property
+    def fsdp_asked(self) -> bool:
+        "Whether the config asks for FSDP (an `fsdp_config:` section, or the older `fsdp:` list)."
+        return self.fsdp_config is not None or bool(self.fsdp)
+
+    @property
+    def sharded(self) -> bool:
+        "Whether the config asks for DeepSpeed or FSDP (which need processes from a launcher)."
+        return bool(self.deepspeed) or self.fsdp_asked
+
 # %% ../../nbs/config/03_schema.ipynb #b42ecdbc
 class TrackerKeys(Section):
     "Experiment trackers (opt-in): W&B, TensorBoard, MLflow."
@@ -267,10 +309,10 @@ class TrackerKeys(Section):
 
 class KernelKeys(Section):
     "Fused kernels: ftlab's LoRA kernels and Liger-Kernel's."
-    lora_mlp_kernel: bool | None = F(None, "fused LoRA MLP kernel")
-    lora_qkv_kernel: bool | None = F(None, "fused LoRA QKV kernel")
-    lora_o_kernel: bool | None = F(None, "fused LoRA output-projection kernel")
-    use_liger_kernel: bool | None = F(None, "Liger kernels for the supported layers")
+    lora_mlp_kernel: bool | None = F(None, "ftlab's fused LoRA gate/up/down projections (unset: on with CUDA for Llama, Mistral, Qwen2/3)")
+    lora_qkv_kernel: bool | None = F(None, "ftlab's fused LoRA q/k/v projections (unset: on with CUDA for Llama, Mistral, Qwen2/3)")
+    lora_o_kernel: bool | None = F(None, "ftlab's fused LoRA output projection (unset: on with CUDA for Llama, Mistral, Qwen2/3)")
+    use_liger_kernel: bool | None = F(None, "Liger's RMSNorm, RoPE and SwiGLU kernels (unset: on with CUDA for Llama, Mistral, Qwen2/3)")
     liger_rope: bool | None = F(None, "Liger RoPE kernel")
     liger_rms_norm: bool | None = F(None, "Liger RMSNorm kernel")
     liger_rms_norm_gated: bool | None = F(None, "Liger gated RMSNorm kernel")
@@ -314,7 +356,7 @@ class MethodKeys(Section):
         return "sft"
 
 # %% ../../nbs/config/03_schema.ipynb #dcccd4f6
-class Config(MethodKeys, KernelKeys, TrackerKeys, TrainingKeys, DataKeys, AdapterKeys, ModelKeys):
+class Config(MethodKeys, KernelKeys, TrackerKeys, ParallelKeys, TrainingKeys, DataKeys, AdapterKeys, ModelKeys):
     "A training config in axolotl's YAML language. Build it with `load_config`."
     IGNORED = IGNORED_KEYS
     IGNORED_PREFIXES = IGNORED_PREFIXES
@@ -323,11 +365,12 @@ class Config(MethodKeys, KernelKeys, TrackerKeys, TrainingKeys, DataKeys, Adapte
     TOPICS = UNSUPPORTED_TOPICS
     TOPIC_PREFIXES = UNSUPPORTED_TOPIC_PREFIXES
     ALIASES = ALIASES
-    SECTIONS = {"trl": TRLConfig, "ebft": EBFTConfig, "vllm": VLLMConfig, "special_tokens": SpecialTokens}
+    SECTIONS = {"trl": TRLConfig, "ebft": EBFTConfig, "vllm": VLLMConfig, "special_tokens": SpecialTokens,
+                "fsdp_config": FSDPConfig}
     LIST_SECTIONS = {"datasets": DatasetConfig, "test_datasets": DatasetConfig, "pretraining_dataset": PretrainingDataset}
     # the groups of top-level keys, by name, in the order a form shows them
     GROUPS: ClassVar[dict[str, type]] = {"model": ModelKeys, "adapter": AdapterKeys, "data": DataKeys,
-                                         "training": TrainingKeys, "kernels": KernelKeys, "methods": MethodKeys,
+                                         "training": TrainingKeys, "distributed": ParallelKeys, "kernels": KernelKeys, "methods": MethodKeys,
                                          "trackers": TrackerKeys}
 
     _notes: list[str] = PrivateAttr(default_factory=list)

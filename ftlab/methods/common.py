@@ -8,9 +8,9 @@ import copy, math
 from .registry import Panel
 
 # %% auto #0
-__all__ = ['LIGER_FLAGS', 'LOSS_PANEL', 'GRAD_NORM_PANEL', 'steps_per_epoch', 'training_args', 'liger_kernel_config',
-           'liger_note', 'checkpointing_args', 'trackers', 'schedule_args', 'lr_lambda', 'trainer_args', 'select',
-           'peft_config', 'frozen_copy_needed', 'frozen_reference', 'make_trainer']
+__all__ = ['LIGER_FLAGS', 'DDP_KEYS', 'LOSS_PANEL', 'GRAD_NORM_PANEL', 'steps_per_epoch', 'training_args', 'liger_kernel_config',
+           'checkpointing_args', 'trackers', 'parallel_args', 'trainer_checkpointing', 'schedule_args', 'lr_lambda',
+           'trainer_args', 'select', 'peft_config', 'frozen_copy_needed', 'frozen_reference', 'make_trainer']
 
 # %% ../../nbs/methods/01_common.ipynb #83f1cd2d
 def steps_per_epoch(cfg, n_rows: int, processes: int | None = None) -> int:
@@ -23,7 +23,9 @@ def training_args(cfg, n_train: int | None, has_eval: bool) -> dict:
     """Keyword arguments shared by every TRL config class (SFTConfig, DPOConfig, ...). `n_train` None: a stream, whose
     one "epoch" is `max_steps` (so `saves_per_epoch` and `evals_per_epoch` count over the whole run)."""
     from ftlab.model import device_info, training_dtype
+    from ftlab.distributed import launched
     dev, dtype = device_info(), training_dtype(cfg)
+    fsdp_here = dev["cuda"] and launched()      # where Accelerate runs FSDP (on a CPU it runs DDP; see `parallel_args`)
     spe = steps_per_epoch(cfg, n_train) if n_train is not None else (cfg.max_steps or 1)
     eval_steps = cfg.eval_steps or (max(1, spe // cfg.evals_per_epoch) if cfg.evals_per_epoch else None)
     if cfg.evals_per_epoch == 0 and not cfg.eval_steps: has_eval = False   # axolotl's `evals_per_epoch: 0`: no evaluation
@@ -38,8 +40,8 @@ def training_args(cfg, n_train: int | None, has_eval: bool) -> dict:
         learning_rate=cfg.learning_rate, **schedule_args(cfg), warmup_steps=warmup,
         optim=cfg.optimizer or ("adamw_torch_fused" if dev["cuda"] else "adamw_torch"),
         weight_decay=cfg.weight_decay or 0.0, max_grad_norm=cfg.max_grad_norm if cfg.max_grad_norm is not None else 1.0,
-        **checkpointing_args(cfg.checkpointing,
-                             cfg.gradient_checkpointing_kwargs or ({"use_reentrant": False} if cfg.checkpointing else None)),
+        **checkpointing_args(trainer_checkpointing(cfg, fsdp_here), cfg.gradient_checkpointing_kwargs
+                             or ({"use_reentrant": False} if trainer_checkpointing(cfg, fsdp_here) else None)),
         logging_steps=cfg.logging_steps or 1, logging_first_step=True,
         logging_nan_inf_filter=False,  # a NaN loss must reach the log, not be averaged away
         eval_strategy="steps" if has_eval and eval_steps else ("epoch" if has_eval else "no"),
@@ -49,11 +51,12 @@ def training_args(cfg, n_train: int | None, has_eval: bool) -> dict:
         bf16=dtype == "bfloat16", fp16=dtype == "float16", use_cpu=not dev["cuda"],
         report_to=trackers(cfg), run_name=cfg.wandb_name, disable_tqdm=True,
         include_num_input_tokens_seen="non_padding", dataloader_num_workers=0,
+        **parallel_args(cfg, fsdp_here),
     )
     for k in ("adam_beta1", "adam_beta2", "adam_epsilon"):
         if getattr(cfg, k, None) is not None: kw[k] = getattr(cfg, k)
     liger = liger_kernel_config(cfg)
-    if liger is not None and dev["cuda"]:   # Liger's kernels are Triton GPU kernels: off on a CPU (`liger_note` says so)
+    if liger is not None and dev["cuda"]:   # Liger's kernels are Triton GPU kernels: off on a CPU (`choose_kernels` says so)
         kw.update(use_liger_kernel=True, liger_kernel_config=liger)
     if dev["cuda"] and cfg.tf32 is not None and cfg.tf32 != "auto": kw["tf32"] = bool(cfg.tf32)
     return kw
@@ -74,12 +77,6 @@ def liger_kernel_config(cfg) -> dict | None:
     conf = {name: bool(flags.get(k)) for k in LIGER_FLAGS for name in LIGER_FLAGS[k]} if flags else {}
     return {**conf, "fused_linear_cross_entropy": False}
 
-def liger_note(cfg) -> str | None:
-    "Say so when the config asks for Liger's kernels and this machine has no CUDA GPU to run them."
-    from ftlab.model import device_info
-    if liger_kernel_config(cfg) is None or device_info()["cuda"]: return None
-    return "Liger's kernels (`use_liger_kernel` / `liger_*`) need a CUDA GPU: on this machine the model's own layers run"
-
 def checkpointing_args(on: bool, kwargs: dict | None) -> dict:
     "Activation checkpointing under the name this transformers knows (renamed from gradient_* in 5.18)."
     import dataclasses
@@ -95,6 +92,23 @@ def trackers(cfg) -> list[str]:
     if cfg.use_tensorboard: out.append("tensorboard")
     if getattr(cfg, "mlflow_tracking_uri", None): out.append("mlflow")
     return out or ["none"]
+
+# %% ../../nbs/methods/01_common.ipynb #b05117d3
+DDP_KEYS = ("ddp_timeout", "ddp_bucket_cap_mb", "ddp_broadcast_buffers", "ddp_find_unused_parameters")
+
+def parallel_args(cfg, fsdp_here: bool) -> dict:
+    "The training arguments that spread a run over processes: `ddp_*`, `deepspeed`, and `fsdp` / `fsdp_config` where FSDP runs (`fsdp_here`)."
+    from ftlab.config.parallel import fsdp_training_config, read_deepspeed
+    kw = {k: getattr(cfg, k) for k in DDP_KEYS if getattr(cfg, k, None) is not None}
+    if cfg.deepspeed: kw["deepspeed"] = read_deepspeed(cfg.deepspeed, cfg.base_dir).for_trainer()
+    elif cfg.fsdp_asked and fsdp_here: kw.update(fsdp=True, fsdp_config=fsdp_training_config(cfg))
+    return kw
+
+def trainer_checkpointing(cfg, fsdp_here: bool) -> bool:
+    "Whether the trainer recomputes activations: as the config says, FSDP's own checkpointing instead where FSDP runs."
+    fsdp_ac = bool(cfg.fsdp_config is not None and cfg.fsdp_config.activation_checkpointing)
+    if fsdp_ac: return not fsdp_here
+    return cfg.checkpointing
 
 # %% ../../nbs/methods/01_common.ipynb #a76b4183
 def schedule_args(cfg) -> dict:

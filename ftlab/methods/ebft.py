@@ -9,8 +9,9 @@ from ..errors import FtlabError, RunError
 from ..health import GRPO_RULES, Rule
 from .registry import Panel, register_method
 from .common import GRAD_NORM_PANEL, frozen_reference, make_trainer
-from .grpo import (GRPO_PANELS, fit_vllm_weight_sync, generation_groups, grpo_args, grpo_preflight,
-                                grpo_trainer_class, reward_rows)
+from .timing import TIMING_PANEL
+from .grpo import (GRPO_PANELS, fit_generation, generation_groups, generation_options, grpo_args,
+                                grpo_preflight, grpo_trainer_class, reward_rows)
 from .ebft_strided import (STRIDED_PANELS, STRIDED_RULES, build_strided, ebft_data, row_anchors,
                                         strided_preflight, strided_settings)
 
@@ -196,8 +197,10 @@ def feature_reward_only(cfg, found):
                         f"remove `trl.{k}`, or use `rl: grpo` to train on reward functions", ("rl",))
 
 def ebft_groups(cfg, found):
-    "Completions in groups of `num_generations` (GRPO's check, on TRL's defaults when `trl:` is absent)."
-    if _settings(cfg).mode == "structured": generation_groups(_with_trl(cfg), found)
+    "Completions in groups of `num_generations`, generation options that work (GRPO's checks, on TRL's defaults when `trl:` is absent)."
+    if _settings(cfg).mode == "structured":
+        generation_groups(_with_trl(cfg), found)
+        generation_options(_with_trl(cfg), found)
 
 def ebft_keys(cfg, found):
     "Keys of the other mode, and an estimator next to GRPO's reward scaling."
@@ -222,6 +225,7 @@ EBFT_PANELS = [
     *STRIDED_PANELS,                     # RL and CE loss, blocks, advantage spread (the CE panel serves both modes)
     *[p for p in GRPO_PANELS if p.title in ("KL to the reference", "entropy", "completion length", "clipped")],
     GRAD_NORM_PANEL,
+    TIMING_PANEL,
 ]
 EBFT_FIGURES = [("ebft/reward", "reward", ".3f"), ("ebft/mean_reward", "reward", ".3f"), ("ebft/alignment", "align", ".3f"),
                 ("ebft/cfm_loss", "cfm", ".3f")]
@@ -287,8 +291,7 @@ def build_ebft(cfg, method, model, tokenizer, prepared, callbacks=(), rollout_fu
     trainer = make_trainer(ebft_trainer_class(), cfg, method, model, tokenizer, args, train, evalset, callbacks,
                            ebft=e, feature_copy=frozen_reference(cfg, method, model), estimator=estimator,
                            max_length=cfg.sequence_len, **extra)
-    trainer.store = cfg.trl.log_completions is not False
-    if cfg.trl.use_vllm: fit_vllm_weight_sync(trainer)
+    fit_generation(trainer, cfg)
     return trainer
 
 register_method("ebft", build_ebft, description="energy-based fine-tuning: samples rewarded by how their hidden-state "

@@ -10,10 +10,12 @@ from ..health import Rule
 from ..completions import store_completions
 from .registry import Panel
 from .common import frozen_reference, peft_config, training_args
+from .timing import TimedSteps
 
 # %% auto #0
-__all__ = ['STORED_BLOCKS', 'STRIDED_PANELS', 'STRIDED_RULES', 'ebft_data', 'prompt_length', 'row_anchors', 'token_logprobs',
-           'reinforce_loss', 'pool_blocks', 'dense_mask', 'strided_mask_mod', 'flex_available', 'block_mask',
+__all__ = ['FUSED_NOTE', 'STORED_BLOCKS', 'STRIDED_PANELS', 'STRIDED_RULES', 'ebft_data', 'prompt_length', 'row_anchors',
+           'token_logprobs', 'reinforce_loss', 'pool_blocks', 'fused_ops', 'head_logprobs', 'block_rewards',
+           'strided_kernels', 'dense_mask', 'strided_mask_mod', 'flex_available', 'flex_compile_failed', 'block_mask',
            'sample_tokens', 'attention_implementation', 'cache_keyword', 'generate_blocks', 'plan_anchors',
            'strided_sequences', 'strided_step', 'backbone_and_head', 'step_metrics', 'pad_documents', 'stored_rollouts',
            'strided_trainer_class', 'strided_settings', 'no_blocks', 'advantages_flat', 'strided_preflight',
@@ -58,6 +60,39 @@ def pool_blocks(features, embed_method: str = "last_token"):
     out = pool_embeddings(flat, embed_method, prompt_lengths=torch.zeros(len(flat), dtype=torch.long, device=flat.device))
     return out.view(*lead, out.shape[-1])
 
+# %% ../../nbs/methods/10_ebft_strided.ipynb #53708521
+def fused_ops():
+    "`ftlab.kernels.ebft` (imported when a fused step first needs it)."
+    import ftlab.kernels.ebft as kernels
+    return kernels
+
+def head_logprobs(head, hidden, targets, fused: bool = False):
+    "`token_logprobs(head(hidden), targets)`; fused (a plain `nn.Linear` head): without the `(..., V)` logits."
+    import torch
+    if fused and type(head) is torch.nn.Linear:
+        return fused_ops().head_logprobs(hidden, head.weight, targets, head.bias)
+    return token_logprobs(head(hidden), targets)
+
+def block_rewards(gen, ref, alignment_coef: float, diversity_coef: float, fused: bool = False):
+    "`ebft_math.feature_rewards` of blocks: `gen` `(R, n, B, D)`, `ref` `(R, B, D)`; fused: one Triton program per block."
+    from ftlab.methods.ebft_math import FeatureRewards, feature_rewards
+    if not fused: return feature_rewards(gen, ref, alignment_coef, diversity_coef)
+    R, n, B, D = gen.shape
+    reward, align, div, cfm = fused_ops().feature_rewards(gen.movedim(1, 2).reshape(R * B, n, D), ref.reshape(R * B, D),
+                                                          alignment_coef, diversity_coef)
+    back = lambda x: x.view(R, B, n).movedim(2, 1)
+    return FeatureRewards(back(reward), back(align), back(div), cfm.view(R, B))
+
+FUSED_NOTE = "fused EBFT kernels on: log-probabilities from the LM head (Liger), block rewards and the REINFORCE loss (Triton)"
+
+def strided_kernels(e, device) -> tuple[bool, str]:
+    "Whether a strided run uses the fused kernels on `device`, and the run's note saying which path computes its maths."
+    ok = fused_ops().available(device)
+    if e.kernels is False: return False, "EBFT maths in plain PyTorch (`ebft.kernels: false`)"
+    if ok: return True, FUSED_NOTE
+    if e.kernels: return False, "`ebft.kernels: true` needs a CUDA GPU with Triton: this run computes the same maths in plain PyTorch"
+    return False, "EBFT maths in plain PyTorch (the fused kernels need a CUDA GPU with Triton)"
+
 # %% ../../nbs/methods/10_ebft_strided.ipynb #5ae7e510
 def dense_mask(allowed, implementation: str | None, dtype):
     "A `(Q, K)` boolean rule as the 4-D mask `(1, 1, Q, K)` the model takes: additive for eager attention, else boolean."
@@ -88,6 +123,14 @@ def flex_available(model) -> bool:
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     return (next(base.parameters()).device.type == "cuda" and bool(getattr(base, "_supports_flex_attn", False))
             and getattr(base.config, "_attn_implementation", None) == "flex_attention")
+
+def flex_compile_failed(err: BaseException) -> bool:
+    "Whether `err` (or what caused it) is torch's compiler failing to build the flex attention kernel."
+    names = {"BackendCompilerFailed", "InductorError", "NoValidChoicesError", "LoweringException"}
+    while err is not None:
+        if type(err).__name__ in names: return True
+        err = err.__cause__ or err.__context__
+    return False
 
 def block_mask(seq_len: int, anchors, generate_max_len: int, backend: str, implementation: str | None, dtype):
     "The mask of document + all `G` steps for the training passes: a `BlockMask` (`flex`) or a dense 4-D mask."
@@ -170,12 +213,14 @@ def strided_sequences(docs, blocks, n: int):
     import torch
     return torch.cat([docs.repeat_interleave(n, 0), blocks.transpose(1, 2).flatten(1)], dim=1)
 
-def strided_step(policy, feature_network, docs, labels, anchors, valid, blocks, e, layers, backend: str = "dense"):
+def strided_step(policy, feature_network, docs, labels, anchors, valid, blocks, e, layers, backend: str = "dense",
+                 fused: bool = False):
     """The loss of one batch and what it is made of: `policy` the trained model, `feature_network()` a context that
-    gives the frozen network's transformer body, `docs` / `labels` `(R, S)`, `blocks` `(R·n, B, G)` sampled at `anchors`."""
+    gives the frozen network's transformer body, `docs` / `labels` `(R, S)`, `blocks` `(R·n, B, G)` sampled at `anchors`.
+    `fused`: the log-probabilities, rewards and REINFORCE loss through `ftlab.kernels.ebft` (the same maths)."""
     import torch
     from ftlab.methods.ebft_layout import block_features, predictor_positions, strided_position_ids, token_advantages
-    from ftlab.methods.ebft_math import advantages, feature_rewards, layer_features, normalise_features
+    from ftlab.methods.ebft_math import advantages, layer_features, normalise_features
     R, S = docs.shape
     n, B, G = blocks.shape[0] // R, len(anchors), e.generate_max_len
     seq = strided_sequences(docs, blocks, n)
@@ -188,18 +233,19 @@ def strided_step(policy, feature_network, docs, labels, anchors, valid, blocks, 
         gen_f, ref_f = block_features(layer_features(hs, layers, per_layer_norm=True), S, anchors, G)
         gen = pool_blocks(gen_f, e.embed_method).view(R, n, B, -1)
         ref = pool_blocks(ref_f, e.embed_method).view(R, n, B, -1)[:, 0]
-        fr = feature_rewards(*normalise_features(gen, ref, e.use_whitening), e.alignment_coef, e.diversity_coef)
+        fr = block_rewards(*normalise_features(gen, ref, e.use_whitening), e.alignment_coef, e.diversity_coef, fused)
         adv = advantages(fr.reward, e.advantage_estimator) * valid[:, None]
     hidden = body(input_ids=seq, attention_mask=mask(body), position_ids=pos, use_cache=False).last_hidden_state
     at = predictor_positions(S, anchors, G).t().reshape(-1)          # storage order: slot t·B + b
-    logps = token_logprobs(head(hidden[:, at]), seq[:, S:])
+    logps = head_logprobs(head, hidden[:, at], seq[:, S:], fused)
     keep = valid.repeat_interleave(n, 0)
-    rl = reinforce_loss(logps, token_advantages(adv.reshape(-1, B), G), token_advantages(keep.float(), G) > 0)
+    loss_fn = reinforce_loss if not fused else fused_ops().reinforce_loss
+    rl = loss_fn(logps, token_advantages(adv.reshape(-1, B), G), token_advantages(keep.float(), G) > 0)
     ce = None
     if e.ce_coef > 0:
         doc_h = hidden.view(R, n, *hidden.shape[1:])[:, 0, :S - 1]
-        lp = token_logprobs(head(doc_h), docs[:, 1:])
-        ce = reinforce_loss(lp, torch.ones_like(lp), labels[:, 1:] != -100)
+        lp = head_logprobs(head, doc_h, docs[:, 1:], fused)
+        ce = loss_fn(lp, torch.ones_like(lp), labels[:, 1:] != -100)
     loss = e.rl_coef * rl + (e.ce_coef * ce if ce is not None else 0)
     return loss, dict(rl_loss=rl, ce_loss=ce, rewards=fr, advantages=adv, valid=valid, logps=logps)
 
@@ -260,9 +306,10 @@ def strided_trainer_class():
     import torch
     from transformers import Trainer
     from ftlab.methods.ebft_math import feature_layer_indices
-    class FtlabStridedEBFTTrainer(Trainer):
+    class FtlabStridedEBFTTrainer(TimedSteps, Trainer):
         "EBFT on documents: block-parallel rollouts at anchors, feature-matching rewards per block, REINFORCE."
         store = True
+        PHASES = ("generation", "rewards", "update")
         def __init__(self, *args, ebft, model, feature_copy=None, peft_config=None, checkpointing=False, **kw):
             if peft_config is not None:
                 from peft import get_peft_model
@@ -275,6 +322,8 @@ def strided_trainer_class():
             config = model.config.get_text_config()
             self.feature_layers = feature_layer_indices(ebft.feature_layers, config.num_hidden_layers)
             self.backend = "flex" if flex_available(model) else "dense"
+            self.fused, self.kernel_note = strided_kernels(ebft, self.accelerator.device)
+            self.say = None                        # the run's note function, set by `build_strided`
             self._metrics = {"train": collections.defaultdict(list), "eval": collections.defaultdict(list)}
             self.last_rollouts = None
 
@@ -285,16 +334,34 @@ def strided_trainer_class():
             net = self.feature_copy if self.feature_copy is not None else model
             off = contextlib.nullcontext() if self.feature_copy is not None else model.disable_adapter()
             was = net.training
-            with off:
+            with self.clock.phase("rewards"), off:     # the feature pass and the rewards computed in it
                 net.eval()
                 try: yield backbone_and_head(net)[0]
                 finally: net.train(was)
 
+        def step(self, model, docs, labels, anchors, valid, blocks):
+            "`strided_step`; if flex attention cannot be compiled here, the dense mask (under SDPA) from then on, said once."
+            policy = self.accelerator.unwrap_model(model)
+            args = (policy, self.feature_network, docs, labels, anchors, valid, blocks, self.ebft, self.feature_layers)
+            if self.backend == "flex":
+                try: return strided_step(*args, "flex", self.fused)
+                except Exception as err:
+                    if not flex_compile_failed(err): raise
+                    self.backend = "dense"
+                    if self.say: self.say(f"flex attention could not be compiled on this machine ({type(err).__name__}): "
+                                          "strided EBFT uses a dense block mask with SDPA instead (same maths, more memory)")
+            with contextlib.ExitStack() as stack:      # a model loaded for flex attention takes the dense mask under SDPA
+                for net in (policy, self.feature_copy):
+                    if net is not None and getattr(net.config, "_attn_implementation", None) == "flex_attention":
+                        stack.enter_context(attention_implementation(net, "sdpa"))
+                return strided_step(*args, "dense", self.fused)
+
         def rollouts(self, model, docs, anchors):
             "The sampled blocks `(R·n, B, G)` of the documents `docs` at `anchors`."
             e = self.ebft
-            return generate_blocks(self.accelerator.unwrap_model(model), docs.repeat_interleave(e.n_samples_per_prompt, 0),
-                                   anchors, e.generate_max_len, e.temperature, e.top_p)
+            with self.clock.phase("generation"):
+                return generate_blocks(self.accelerator.unwrap_model(model), docs.repeat_interleave(e.n_samples_per_prompt, 0),
+                                       anchors, e.generate_max_len, e.temperature, e.top_p)
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             e, mode = self.ebft, "train" if model.training else "eval"
@@ -306,8 +373,7 @@ def strided_trainer_class():
                 loss = sum(p.sum() * 0 for p in model.parameters() if p.requires_grad)
                 return (loss, None) if return_outputs else loss
             blocks = self.rollouts(model, docs, anchors)
-            loss, out = strided_step(self.accelerator.unwrap_model(model), self.feature_network, docs, labels, anchors,
-                                     valid, blocks, e, self.feature_layers, self.backend)
+            loss, out = self.step(model, docs, labels, anchors, valid, blocks)
             for k, v in step_metrics(out, len(anchors)).items(): self._metrics[mode][k].append(v)
             if int(inputs["prompt_lengths"].max()) > 0: self._metrics[mode]["ebft/anchor_offset"].append(offset)
             if mode == "train":
@@ -411,7 +477,7 @@ def build_strided(cfg, method, model, tokenizer, prepared, callbacks=(), short_r
                                       data_collator=lambda rows: pad_documents(rows, pad),
                                       feature_copy=frozen_reference(cfg, method, model),
                                       peft_config=peft_config(cfg, method, model), checkpointing=cfg.checkpointing)
-    if short_rows:
-        say = next((c.say for c in callbacks if hasattr(c, "say")), None)
-        if say: say(f"{short_rows} prepared rows are too short for one EBFT block; they train nothing")
+    say = trainer.say = next((c.say for c in callbacks if hasattr(c, "say")), None)
+    if say and short_rows: say(f"{short_rows} prepared rows are too short for one EBFT block; they train nothing")
+    if say: say(trainer.kernel_note)
     return trainer

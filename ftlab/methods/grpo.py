@@ -13,11 +13,13 @@ from ..completions import store_completions
 from .registry import Panel, register_method
 from .common import LOSS_PANEL, GRAD_NORM_PANEL, make_trainer, training_args
 from .reward_calls import guard_reward
+from .timing import TIMING_PANEL, TimedSteps
 
 # %% auto #0
-__all__ = ['HIDDEN_COLUMNS', 'OWN_KEYS', 'GRPO_PANELS', 'resolve_reward', 'reward_name', 'reward_rows', 'check_reward_functions',
-           'reward_functions_given', 'generation_groups', 'vllm_url', 'wait_for_vllm', 'grpo_args',
-           'grpo_trainer_class', 'grpo_preflight', 'fit_vllm_weight_sync', 'match_reference_vocab', 'build_grpo']
+__all__ = ['HIDDEN_COLUMNS', 'COMPILE_CONFIG_KEYS', 'OWN_KEYS', 'AFTER_BUILD', 'GRPO_PANELS', 'resolve_reward', 'reward_name',
+           'reward_rows', 'check_reward_functions', 'reward_functions_given', 'generation_groups', 'generation_options',
+           'vllm_url', 'wait_for_vllm', 'grpo_args', 'GRPOPhases', 'grpo_trainer_class', 'grpo_preflight',
+           'fit_vllm_weight_sync', 'fit_generation', 'match_reference_vocab', 'build_grpo']
 
 # %% ../../nbs/methods/05_grpo.ipynb #e38067f0
 def resolve_reward(name: str, namespace: dict | None = None):
@@ -125,6 +127,52 @@ def generation_groups(cfg, found):
                     f"evaluation batches of {evb} prompts' completions cannot be split into groups of num_generations={ng}",
                     f"set `eval_batch_size: {ng}` (or a multiple of it)")
 
+COMPILE_CONFIG_KEYS = ("fullgraph", "dynamic", "backend", "mode", "options")   # transformers' CompileConfig
+
+def generation_options(cfg, found):
+    "The generation settings TRL would refuse deep in its trainer, or would silently not use."
+    t = cfg.trl
+    if t is None: return
+    if t.generation_batch_size and t.steps_per_generation:
+        found.error(("trl", "generation_batch_size"), "`generation_batch_size` and `steps_per_generation` both say how many "
+                    "completions a generation step samples", "keep one of them", ("trl", "steps_per_generation"))
+    elif t.generation_batch_size and t.generation_batch_size % cfg.micro_batch_size:
+        found.error(("trl", "generation_batch_size"), f"generation_batch_size {t.generation_batch_size} is not a multiple of "
+                    f"micro_batch_size {cfg.micro_batch_size}: each generation step is split into whole micro-batches",
+                    f"make it a multiple of {cfg.micro_batch_size} (with several processes: of micro_batch_size x processes)",
+                    ("micro_batch_size",))
+    paged = t.use_transformers_continuous_batching or t.use_transformers_paged
+    if t.use_transformers_paged is not None and t.use_transformers_continuous_batching is not None \
+            and t.use_transformers_paged != t.use_transformers_continuous_batching:
+        found.error(("trl", "use_transformers_paged"), "`use_transformers_paged` is TRL's older name of "
+                    "`use_transformers_continuous_batching`, which says the opposite", "keep `use_transformers_continuous_batching` only",
+                    ("trl", "use_transformers_continuous_batching"))
+    if paged and t.use_vllm:
+        key = "use_transformers_continuous_batching" if t.use_transformers_continuous_batching else "use_transformers_paged"
+        found.error(("trl", key), f"`{key}` and `use_vllm` are two ways to generate", "keep one of them", ("trl", "use_vllm"))
+    if t.transformers_continuous_batching_config and not paged:
+        found.note(("trl", "transformers_continuous_batching_config"), "`transformers_continuous_batching_config` has no "
+                   "effect without `use_transformers_continuous_batching: true`")
+    if t.cache_implementation and (t.use_vllm or paged):
+        found.note(("trl", "cache_implementation"), f"`cache_implementation` applies to transformers' `generate`; with "
+                   f"{'vLLM' if t.use_vllm else 'continuous batching'} it is not used")
+    gk = t.generation_kwargs or {}
+    if paged and gk.get("min_new_tokens"):
+        found.note(("trl", "generation_kwargs", "min_new_tokens"), "transformers' continuous batching drops the logits "
+                   "processors it does not support, and may not apply `min_new_tokens`: completions can end earlier")
+    if "disable_compile" in gk and not isinstance(gk["disable_compile"], bool):
+        found.error(("trl", "generation_kwargs", "disable_compile"), f"disable_compile must be true or false; got {gk['disable_compile']!r}",
+                    "write `disable_compile: false` to compile generation")
+    cc = gk.get("compile_config")
+    if cc is not None and not (isinstance(cc, dict) and set(cc) <= set(COMPILE_CONFIG_KEYS)):
+        bad = ", ".join(sorted(set(cc) - set(COMPILE_CONFIG_KEYS))) if isinstance(cc, dict) else type(cc).__name__
+        found.error(("trl", "generation_kwargs", "compile_config"), f"compile_config takes {', '.join(COMPILE_CONFIG_KEYS)} "
+                    f"(transformers' CompileConfig); got {bad}", "e.g. `compile_config: {mode: reduce-overhead}`")
+    compiled = gk.get("disable_compile") is False or (cc is not None and gk.get("disable_compile") is not True)
+    if compiled and (t.cache_implementation or "dynamic") not in ("static", "offloaded_static"):
+        found.note(("trl", "generation_kwargs"), "transformers compiles `generate` only with a static KV cache: set "
+                   "`cache_implementation: static`", ("trl", "cache_implementation"))
+
 # %% ../../nbs/methods/05_grpo.ipynb #d043db23
 def vllm_url(cfg) -> str:
     t = cfg.trl
@@ -153,7 +201,9 @@ def wait_for_vllm(cfg, timeout: float | None = None, interval: float = 2.0) -> s
 # %% ../../nbs/methods/05_grpo.ipynb #f67e99fe
 # trl: keys that are not GRPOConfig fields, or mean something else there; the rest pass through by name
 OWN_KEYS = {"reward_funcs", "rollout_func", "max_prompt_length", "log_completions", "num_completions_to_print",
-            "vllm_guided_decoding_regex", "scale_rewards"}
+            "vllm_guided_decoding_regex", "scale_rewards", "use_transformers_paged", "generation_kwargs"}
+# generation_kwargs that TRL's constructor cannot take (it fixes `disable_compile=True`); `fit_generation` sets them
+AFTER_BUILD = ("disable_compile", "compile_config")
 
 def grpo_args(cfg, n_train: int, has_eval: bool) -> dict:
     "GRPOConfig keyword arguments from the shared training arguments and the `trl:` section."
@@ -166,16 +216,30 @@ def grpo_args(cfg, n_train: int, has_eval: bool) -> dict:
     kw.update({k: v for k, v in t.model_dump(exclude_none=True).items() if k in fields and k not in OWN_KEYS})
     if t.scale_rewards is not None: kw["scale_rewards"] = {True: "group", False: "none"}.get(t.scale_rewards, t.scale_rewards)
     if t.vllm_guided_decoding_regex: kw["vllm_structured_outputs_regex"] = t.vllm_guided_decoding_regex
+    if t.use_transformers_paged is not None and t.use_transformers_continuous_batching is None:
+        kw["use_transformers_continuous_batching"] = t.use_transformers_paged
+    gk = {k: v for k, v in (t.generation_kwargs or {}).items() if k not in AFTER_BUILD}
+    if gk: kw["generation_kwargs"] = gk
     if cfg.rl == "gdpo": kw.setdefault("multi_objective_aggregation", "normalize_then_sum")
     if t.max_completion_length is None: kw["max_completion_length"] = max(16, cfg.sequence_len // 2)
     return kw
 
 # %% ../../nbs/methods/05_grpo.ipynb #974f523a
+class GRPOPhases(TimedSteps):
+    "`TimedSteps` for a TRL `GRPOTrainer` (mixed in before it): generation, reward scoring and log-probs timed apart."
+    PHASES = ("generation", "rewards", "logprobs", "update")
+    def _generate(self, prompts):
+        with self.clock.phase("generation"): return super()._generate(prompts)
+    def _calculate_rewards(self, *args, **kw):
+        with self.clock.phase("rewards"): return super()._calculate_rewards(*args, **kw)
+    def _generate_and_score_completions(self, inputs):
+        with self.clock.phase("logprobs"): return super()._generate_and_score_completions(inputs)
+
 def grpo_trainer_class():
-    "TRL's GRPOTrainer, subclassed to store completions (imported when a run builds it; EBFT builds on it too)."
+    "TRL's GRPOTrainer, subclassed to store completions and time steps (imported when a run builds it; EBFT builds on it too)."
     from trl import GRPOTrainer
-    class FtlabGRPOTrainer(GRPOTrainer):
-        "GRPOTrainer that stores each logging step's completions with the run."
+    class FtlabGRPOTrainer(GRPOPhases, GRPOTrainer):
+        "GRPOTrainer that stores each logging step's completions with the run and logs where each step's time goes."
         store = True
         def log(self, logs, start_time=None):
             super().log(logs, start_time)
@@ -212,6 +276,7 @@ GRPO_PANELS = [
     Panel("clipped", [("log", "completions/clipped_ratio", "hit max_completion_length"),
                       ("log", "clip_ratio/region_mean", "policy ratio clipped")]),
     GRAD_NORM_PANEL,
+    TIMING_PANEL,
 ]
 
 def _vllm_layerwise_sync(gen):
@@ -233,6 +298,20 @@ def fit_vllm_weight_sync(trainer):
     if current_platform.is_cpu():
         import functools
         gen.sync_weights = functools.partial(_vllm_layerwise_sync, gen)
+
+def fit_generation(trainer, cfg):
+    """What a built GRPO-family trainer needs from the config beyond TRL's constructor: the completions store, vLLM's
+    weight sync, and compiled generation (`generation_kwargs: {disable_compile: false}` or `compile_config`), which
+    TRL's constructor turns off."""
+    t = cfg.trl
+    trainer.store = t.log_completions is not False
+    if t.use_vllm: fit_vllm_weight_sync(trainer)
+    gk, gen = t.generation_kwargs or {}, getattr(trainer, "generation_config", None)
+    if gen is None or not any(k in gk for k in AFTER_BUILD): return
+    gen.disable_compile = bool(gk.get("disable_compile", False))
+    if gk.get("compile_config") is not None:
+        from transformers import CompileConfig
+        gen.compile_config = CompileConfig(**gk["compile_config"])
 
 def match_reference_vocab(trainer):
     """TRL builds GRPO's full fine-tuning reference model again from the model's path, with the vocabulary it had
@@ -262,12 +341,11 @@ def build_grpo(cfg, method, model, tokenizer, prepared, callbacks=(), reward_fun
     trainer = make_trainer(grpo_trainer_class(), cfg, method, model, tokenizer, args, train, evalset, callbacks,
                            reward_funcs=guarded, **extra)
     match_reference_vocab(trainer)
-    trainer.store = cfg.trl.log_completions is not False
-    if cfg.trl.use_vllm: fit_vllm_weight_sync(trainer)
+    fit_generation(trainer, cfg)
     return trainer
 
 for _name, _desc in (("grpo", "group relative policy optimisation: sampled completions scored by reward functions"),
                      ("gdpo", "GRPO with each reward normalised before they are summed")):
     register_method(_name, build_grpo, description=_desc, data="prompts", reads=("rl_beta",), trl_keys=None,
-                    sections=("vllm",), checks=(reward_functions_given, generation_groups), panels=GRPO_PANELS,
+                    sections=("vllm",), checks=(reward_functions_given, generation_groups, generation_options), panels=GRPO_PANELS,
                     rules=GRPO_RULES, figures=[("reward", "reward", ".3f"), ("kl", "kl", ".3f")], preflight=grpo_preflight)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from ftlab.config import Config, DatasetConfig, EBFTConfig, SpecialTokens, TRLConfig, VLLMConfig, load_config
+from ftlab.config import Config, DatasetConfig, EBFTConfig, FSDPConfig, SpecialTokens, TRLConfig, VLLMConfig, load_config
 from ftlab.config.known import AXOLOTL_KEYS, axolotl_keys
 from ftlab.errors import ConfigError
 
@@ -15,7 +15,7 @@ import os
 # an axolotl checkout (or bare clone) to regenerate the key table from, e.g. AXOLOTL_CHECKOUT=~/src/axolotl
 MIRROR = Path(os.environ.get("AXOLOTL_CHECKOUT") or "/nonexistent").expanduser()
 SECTIONS = {"top": Config, "dataset": DatasetConfig, "trl": TRLConfig, "vllm": VLLMConfig, "ebft": EBFTConfig,
-            "special_tokens": SpecialTokens}
+            "special_tokens": SpecialTokens, "fsdp_config": FSDPConfig}
 MINIMAL = "base_model: ftlab:tiny\ndatasets:\n  - path: ftlab:data/chat.jsonl\n    type: chat_template\n"
 
 
@@ -83,8 +83,8 @@ def test_real_keys_are_known_not_unknown():
 
 
 def test_left_out_features_are_refused_alone_with_the_reason():
-    p = problems(MINIMAL + "deepspeed: zero3.json\nfsdp_version: 2\nddp_timeout: 100\n")
-    assert [x.key for x in p] == ["deepspeed", "fsdp_version"]
+    p = problems(MINIMAL + "sequence_parallel_degree: 2\ncontext_parallel_size: 2\nddp_timeout: 100\n")
+    assert [x.key for x in p] == ["sequence_parallel_degree", "context_parallel_size"]
     assert all(x.message.endswith("not supported yet in this version of ftlab: multi-GPU keys") for x in p)
     p = problems(MINIMAL + "processor_type: AutoProcessor\nimage_size: 224\n")
     assert {x.message.split(": ", 1)[1] for x in p} == {"multimodal models"}

@@ -412,7 +412,9 @@ CONCERNS = [   # (concern, a config it reports on: a fixture file or YAML text, 
     ("check_kernels", MINIMAL + "tiled_mlp_num_shards: 4\n", "tiled_mlp_num_shards", "note"),
     ("check_trackers", MINIMAL + "plugins: [axolotl.integrations.liger.LigerPlugin]\n", "plugins[0]", "note"),
     ("check_method", "bad_ebft_strided_compile.yaml", "torch_compile", "error"),   # strided EBFT's check, on its entry
-    ("check_runnable", "bad_unsupported_deepspeed.yaml", "deepspeed", "error"),
+    ("check_parallel", "bad_fsdp_version_1.yaml", "fsdp_version", "error"),
+    ("check_parallel", MINIMAL + "fsdp_config:\n  offload_params: true\n", "fsdp_config", "note"),
+    ("check_runnable", "bad_unsupported_sequence_parallel.yaml", "sequence_parallel_degree", "error"),
 ]
 
 
@@ -420,7 +422,7 @@ def test_one_check_function_per_concern():
     import ftlab.config.checks as checks
     names = [c.__name__ for c in checks.CHECKS]
     assert names == ["check_data", "check_stream", "check_method", "check_generation", "check_ebft", "check_adapter", "check_precision",
-                     "check_schedule", "check_kernels", "check_trackers"]
+                     "check_schedule", "check_kernels", "check_trackers", "check_parallel"]
     assert not hasattr(checks, "_cross_checks") and {c for c, *_ in CONCERNS} == set(names) | {"check_runnable"}
     import ftlab.config as config
     for gone in ("SUPPORTED_METHODS", "PACKING_FORBIDDEN", "GENERATION_METHODS", "METHOD_DATA", "DATA_KIND_NAMES"):

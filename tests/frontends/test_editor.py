@@ -239,11 +239,11 @@ def test_values_a_widget_cannot_show_round_trip():
         lora_dropout: 2
         trl: {}
         num_epochs: 1.5
-        deepspeed: ds.json
+        sequence_parallel_degree: 2
     """)
     e = ConfigEditor(text)
     assert e.values == yaml.safe_load(text)
-    assert yaml.safe_load(e.form.other.input.value) == {"lora_dropout": 2, "trl": {}, "deepspeed": "ds.json"}
+    assert yaml.safe_load(e.form.other.input.value) == {"lora_dropout": 2, "trl": {}, "sequence_parallel_degree": 2}
     assert yaml.safe_load(e.form.rows["datasets"].entries[0].form.other.input.value) == {"type": {"field_instruction": "q"}, "weird_key": 1}
     assert {p.key for p in e.problems} >= {"lora_dropout", "datasets[0].weird_key"}
     e.close()

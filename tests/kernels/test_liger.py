@@ -29,9 +29,10 @@ def test_flags_map_to_liger_kernel_config():
     assert set(liger_kernel_config(cfg)) <= liger_names, set(liger_kernel_config(cfg)) - liger_names
     assert any("liger_fused_linear_cross_entropy" in n and "line 7" in n for n in cfg.notes)
     import ftlab.model
-    from ftlab.methods.common import liger_note
+    from ftlab.methods.kernel_choice import choose_kernels
     if not ftlab.model.device_info()["cuda"]:   # Liger's Triton kernels cannot run on a CPU: off, and said
-        assert "use_liger_kernel" not in training_args(cfg, 10, False) and "need a CUDA GPU" in liger_note(cfg)
+        assert "use_liger_kernel" not in training_args(cfg, 10, False)
+        assert "need a CUDA GPU" in choose_kernels(cfg, "llama", cuda=False).notes[0]
     real = ftlab.model.device_info
     ftlab.model.device_info = lambda: dict(real(), cuda=True)
     try: args = training_args(cfg, 10, False)

@@ -608,3 +608,49 @@ def test_gpu_group_bf16_and_nf4_forward_backward():
         want = torch.autograd.grad(refs, [x32, *A32, *B32], [d.float() for d in dys])
         for y, ref in zip(ys, refs): assert y.dtype == torch.bfloat16 and _close(y, ref, 2e-2)
         for i, (a, b) in enumerate(zip(got, want)): assert _close(a, b, 2e-2), (quant, i)
+
+
+# --- the other architectures the kernels are on by default for --------------------------------------------
+
+@pytest.mark.parametrize("model_type", ["mistral", "qwen2", "qwen3"])
+def test_default_architectures_match_peft(model_type):
+    """Mistral, Qwen2 (q/k/v with a bias) and Qwen3 (q/k norms): random-init two-layer models with LoRA on every
+    linear layer; every projection is fused, in groups, and logits and LoRA gradients match PEFT's."""
+    import peft
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from ftlab.methods.kernel_choice import KERNEL_ARCHS
+    assert model_type in KERNEL_ARCHS
+    cfg = AutoConfig.for_model(model_type, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                               num_key_value_heads=2, head_dim=16, vocab_size=128, max_position_embeddings=64)
+    torch.manual_seed(0)
+    ref = peft.get_peft_model(AutoModelForCausalLM.from_config(cfg), peft.LoraConfig(r=4, target_modules="all-linear"))
+    with torch.no_grad():
+        for n, p in ref.named_parameters():
+            if "lora_B" in n: p.copy_(torch.randn(p.shape) * 0.05)
+    fused = copy.deepcopy(ref)
+    assert apply_fused_lora(fused) == 2 * 7 and fused_lora_summary(fused)["shared_input_groups"] == 4
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(1))
+    out_r, out_f = ref(input_ids=ids, labels=ids), fused(input_ids=ids, labels=ids)
+    assert _fused_nodes(out_f.loss) == 2 * 7
+    torch.testing.assert_close(out_f.logits, out_r.logits, atol=1e-5, rtol=1e-5)
+    out_r.loss.backward(); out_f.loss.backward()
+    gr, gf = lora_grads(ref), lora_grads(fused)
+    assert gr.keys() == gf.keys() and len(gr) == 4 * 7
+    for k in gr: torch.testing.assert_close(gf[k], gr[k], atol=1e-5, rtol=1e-4, msg=k)
+
+
+def test_fused_projections_compile_without_graph_breaks(pair):
+    """GRPO's compiled generation (`cache_implementation: static` + `disable_compile: false`) compiles the model's
+    forward with the fused projections in it: dynamo traces them whole (the grouped q/k/v and gate/up too) and the
+    compiled forward gives PEFT's logits on new inputs (no stale group output)."""
+    from torch._dynamo.utils import counters
+    ref, fused, _ = pair
+    torch._dynamo.reset(); counters.clear()
+    compiled = torch.compile(fused, backend="aot_eager")
+    with torch.no_grad():
+        for seed in (1, 2):
+            batch = _batch(seed)
+            torch.testing.assert_close(compiled(input_ids=batch["input_ids"]).logits, ref(input_ids=batch["input_ids"]).logits,
+                                       atol=1e-5, rtol=1e-5)
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    torch._dynamo.reset()

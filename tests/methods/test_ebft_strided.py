@@ -22,6 +22,7 @@ def trained(tmp_path_factory):
     text = TEXT.replace("learning_rate: 1.0e-6", "learning_rate: 1.0e-2").replace("warmup_steps: 2", "warmup_steps: 0")
     text = text.replace("ce_coef: 0.0\n", "ce_coef: 0.03\n").replace("lora_dropout: 0.05", "lora_dropout: 0.0")
     text = text.replace("./outputs/ebft-strided-validation", str(out))
+    text = text.replace("bf16: auto", "bf16: false")     # float32 on a GPU too, so the sums by hand match closely
     return Run(load_config(text)).train(max_steps=2)
 
 
@@ -29,7 +30,8 @@ def batch_of(trainer, lengths):
     "A padded batch of prepared rows with these lengths (the first row of each length)."
     ds = trainer.train_dataset
     picked = [next(i for i, x in enumerate(ds["input_ids"]) if len(x) == n) for n in lengths]
-    return trainer.data_collator([ds[i] for i in picked])
+    dev = trainer.accelerator.device
+    return {k: v.to(dev) for k, v in trainer.data_collator([ds[i] for i in picked]).items()}
 
 
 def test_a_strided_step_equals_one_built_by_hand(trained):
@@ -41,10 +43,11 @@ def test_a_strided_step_equals_one_built_by_hand(trained):
     lengths = sorted({len(x) for x in trainer.train_dataset["input_ids"] if len(x) >= 30})
     batch = batch_of(trainer, [64, lengths[0]])          # the shorter row's last blocks run into padding
     docs, labels = batch["input_ids"], batch["labels"]
-    anchors, _, valid = plan_anchors(batch["lengths"], batch["prompt_lengths"].tolist(), docs.shape[1], e)
+    dev = docs.device
+    anchors, _, valid = plan_anchors(batch["lengths"], batch["prompt_lengths"].tolist(), docs.shape[1], e, dev)
     assert not valid.all() and valid.any()
     R, n, B, G = len(docs), e.n_samples_per_prompt, len(anchors), e.generate_max_len
-    blocks = torch.randint(4, model.config.vocab_size, (R * n, B, G), generator=torch.Generator().manual_seed(3))
+    blocks = torch.randint(4, model.config.vocab_size, (R * n, B, G), generator=torch.Generator().manual_seed(3)).to(dev)
     trainer.rollouts = lambda *a: blocks                 # the same sampled tokens for both computations
     try: loss = trainer.compute_loss(model, batch)
     finally: del trainer.rollouts
@@ -52,18 +55,18 @@ def test_a_strided_step_equals_one_built_by_hand(trained):
     layers = trainer.feature_layers
     def last_features(ids):                              # the frozen base (adapter off), plain causal attention
         with torch.no_grad(), model.disable_adapter():
-            hs = model(torch.tensor([ids]), output_hidden_states=True).hidden_states
+            hs = model(torch.tensor([ids], device=dev), output_hidden_states=True).hidden_states
         return layer_features(hs, layers, per_layer_norm=True)[0, -1]
-    gen = torch.zeros(R, n, B, sum(model.config.hidden_size for _ in layers))
-    ref = torch.zeros(R, B, gen.shape[-1])
-    logp = torch.zeros(R, n, B, G)
+    gen = torch.zeros(R, n, B, sum(model.config.hidden_size for _ in layers), device=dev)
+    ref = torch.zeros(R, B, gen.shape[-1], device=dev)
+    logp = torch.zeros(R, n, B, G, device=dev)
     for r in range(R):
         for b, a in enumerate(anchors.tolist()):
             ref[r, b] = last_features(docs[r, :a + G].tolist())
             for j in range(n):
                 ids = docs[r, :a].tolist() + blocks[r * n + j, b].tolist()
                 gen[r, j, b] = last_features(ids)
-                lp = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), -1)
+                lp = torch.log_softmax(model(torch.tensor([ids], device=dev)).logits[0].float(), -1)
                 logp[r, j, b] = torch.stack([lp[a - 1 + t, ids[a + t]] for t in range(G)])
     fr = feature_rewards(*normalise_features(gen, ref, e.use_whitening), e.alignment_coef, e.diversity_coef)
     adv = advantages(fr.reward, e.advantage_estimator)
@@ -88,25 +91,33 @@ def test_block_parallel_generation_equals_a_per_block_loop(trained):
     model = trainer.accelerator.unwrap_model(trainer.model).train()
     batch = batch_of(trainer, [64])
     docs = batch["input_ids"]
-    anchors, _, _ = plan_anchors(batch["lengths"], [0], docs.shape[1], e)
+    anchors, _, _ = plan_anchors(batch["lengths"], [0], docs.shape[1], e, docs.device)
     parallel = generate_blocks(model, docs, anchors, e.generate_max_len, temperature=0)
     with torch.no_grad():
         for b, a in enumerate(anchors.tolist()):           # the reference: one block at a time, greedy
             ids = docs[0, :a].tolist()
-            for _ in range(e.generate_max_len): ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+            for _ in range(e.generate_max_len):
+                ids.append(int(model(torch.tensor([ids], device=docs.device)).logits[0, -1].argmax()))
             assert parallel[0, b].tolist() == ids[a:], b
     assert model.training                                  # generation put the model back in training mode
-    g1, g2 = (torch.Generator().manual_seed(5) for _ in range(2))
+    g1, g2 = (torch.Generator(device=docs.device).manual_seed(5) for _ in range(2))
     s1 = generate_blocks(model, docs, anchors, e.generate_max_len, 0.6, 0.9, generator=g1)
     assert torch.equal(s1, generate_blocks(model, docs, anchors, e.generate_max_len, 0.6, 0.9, generator=g2))
 
 
 def test_a_run_logs_the_strided_metrics_and_stores_its_blocks(trained):
+    import torch
     logs = [r for r in read_metrics(trained.output_dir) if r["event"] == "log"]
+    notes = [r["message"] for r in read_metrics(trained.output_dir) if r["event"] == "note"]
+    said = "fused EBFT kernels on" if torch.cuda.is_available() else "EBFT maths in plain PyTorch"
+    assert any(said in m for m in notes), notes              # the run says which path computes its maths
     assert trained.state == "finished" and [r["step"] for r in logs] == [1, 2]
     for r in logs:
         assert STRIDED_KEYS | {"ebft/ce_loss"} <= set(r) and r["ebft/num_blocks"] > 0
         assert r["ebft/mean_reward"] == pytest.approx(r["ebft/alignment"] - r["ebft/diversity"], abs=1e-4)
+        t = {k: v for k, v in r.items() if k.startswith("timing/")}    # rollouts, feature rewards, the rest
+        assert set(t) == {"timing/generation", "timing/rewards", "timing/update", "timing/step"} and min(t.values()) > 0
+        assert t["timing/generation"] + t["timing/rewards"] + t["timing/update"] <= t["timing/step"] * (1 + 1e-6)
     view = trained.completions(step=2)
     rows = view.rows
     assert rows and {"alignment", "diversity"} == set(rows[0]["parts"]) and rows[0]["reference"]
@@ -188,3 +199,33 @@ def test_health_rules_for_strided_runs():
     assert rules["no_blocks"].check(flat, []) is None
     assert rules["no_blocks"].check([{"step": s, "ebft/num_blocks": 0} for s in range(3)], [])
     assert "ebft.n_samples_per_prompt" in rules["diversity_collapsing"].fix
+
+
+def test_flex_attention_that_cannot_compile_falls_back_to_the_dense_mask(trained, monkeypatch):
+    "torch's compiler failing on the flex kernel (as torch 2.11's inductor did on an H200) is one note, then dense masks."
+    import torch
+    import ftlab.methods.ebft_strided as es
+    trainer = trained.trainer
+    model = trainer.accelerator.unwrap_model(trainer.model).eval()
+    batch = batch_of(trainer, [64])
+    real, seen, said = es.strided_step, [], []
+
+    class NoValidChoicesError(RuntimeError): pass
+
+    def strided_step(*args):
+        seen.append(args[9])                              # the backend the step was asked for
+        if args[9] == "flex": raise RuntimeError("compiling flex attention failed") from NoValidChoicesError("no choices")
+        return real(*args)
+    monkeypatch.setattr(es, "strided_step", strided_step)
+    monkeypatch.setattr(trainer, "backend", "flex")
+    monkeypatch.setattr(trainer, "say", said.append)
+    assert torch.isfinite(trainer.compute_loss(model, batch))
+    assert seen == ["flex", "dense"] and trainer.backend == "dense"
+    assert len(said) == 1 and "NoValidChoicesError" not in said[0] and "dense block mask" in said[0]
+    trainer.compute_loss(model, batch)
+    assert seen == ["flex", "dense", "dense"] and len(said) == 1   # said once, flex not tried again
+
+    def broken(*args): raise ValueError("a mistake that is not the compiler's")
+    monkeypatch.setattr(es, "strided_step", broken)
+    monkeypatch.setattr(trainer, "backend", "flex")
+    with pytest.raises(ValueError, match="not the compiler's"): trainer.compute_loss(model, batch)

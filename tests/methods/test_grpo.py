@@ -34,6 +34,35 @@ def test_grpo_trains_and_stores_completions(tmp_path):
     assert "step 3" in view.text() and "advantage" in view.text()
 
 
+def slow_count(completions, answer, **kw):
+    import time
+    time.sleep(0.05)
+    return count_reward(completions, answer)
+
+
+TIMING = {"timing/generation", "timing/rewards", "timing/logprobs", "timing/update", "timing/step"}
+
+
+def test_step_time_is_split_into_generation_rewards_and_update(tmp_path):
+    "A reward function that sleeps 0.05 s per call: that time is the reward phase's, and the phases fit in the step."
+    run = Run(load_config(grpo_cfg(tmp_path, funcs='["@slow_count"]', extra="  beta: 0.04\n")),
+              namespace={"slow_count": slow_count}).train(max_steps=2)
+    logs = [r for r in read_metrics(run.output_dir) if r["event"] == "log"]
+    assert [r["step"] for r in logs] == [1, 2]
+    for r in logs:
+        t = {k: v for k, v in r.items() if k.startswith("timing/")}
+        assert set(t) == TIMING and all(v > 0 for v in t.values()), t
+        assert 0.05 <= t["timing/rewards"] < 0.05 + t["timing/step"] / 2, t     # one reward call per step
+        parts = sum(v for k, v in t.items() if k != "timing/step")
+        assert parts <= t["timing/step"] * (1 + 1e-6), t
+        assert r["step_time"] < t["timing/step"]        # TRL's own figure: the training steps without the optimizer
+    names = {tr["name"] for tr in run.plot().to_dict()["data"]}
+    assert {"step time (s): generation", "step time (s): reward scoring", "step time (s): update"} <= names
+    from ftlab.methods import get_method
+    for method in ("grpo", "gdpo", "ebft"):
+        assert TIMING <= {key for p in get_method(method).panels for _, key, _ in p.series}, method
+
+
 def test_reward_function_problems_stop_before_the_model_loads(tmp_path, monkeypatch):
     import ftlab.model
     def no_load(*a, **k): raise AssertionError("the model was loaded")
@@ -249,3 +278,19 @@ def test_new_special_tokens_with_a_reference_model(tmp_path, method, adapter):
     assert run.state == "finished" and len(run.tokenizer) > run.tokenizer.vocab_size
     (log,) = [r for r in read_metrics(run.output_dir) if r["event"] == "log"]
     assert math.isfinite(log["kl"])
+
+
+@pytest.mark.parametrize("extra, paged", [
+    ("  cache_implementation: static\n  generation_kwargs: {min_new_tokens: 24, disable_compile: false}\n", False),
+    ("  use_transformers_paged: true\n  generation_kwargs: {min_new_tokens: 24}\n", True)])
+def test_generation_speed_keys_reach_trl(tmp_path, extra, paged):
+    "TRL's generation options pass through: a static cache compiled after the build, or continuous batching."
+    run = Run(load_config(grpo_cfg(tmp_path, extra=extra)), namespace={"count_reward": count_reward}).train(max_steps=1)
+    tr = run.trainer
+    assert tr.use_transformers_continuous_batching is paged and tr.generation_config.min_new_tokens == 24
+    if not paged: assert tr.generation_config.cache_implementation == "static" and tr.generation_config.disable_compile is False
+    log, = [r for r in read_metrics(run.output_dir) if r["event"] == "log"]
+    assert log["timing/generation"] > 0
+    # min_new_tokens = max_completion_length fixes the lengths for generate; continuous batching drops that processor
+    assert log["completions/mean_length"] == 24 if not paged else 0 < log["completions/mean_length"] <= 24
+    if paged: assert any("min_new_tokens" in n for n in run.cfg.notes)

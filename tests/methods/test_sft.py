@@ -121,9 +121,9 @@ def test_local_model_folder_and_missing_model(make_cfg, tmp_path):
 
 def test_fused_lora_kernels_train_like_peft(make_cfg):
     """The kernel keys switch on ftlab's fused LoRA projections; the losses match PEFT's own forward."""
-    base = make_cfg(LORA + "max_steps: 5\nsave_steps: 100\n")
-    plain = Run(base)
-    plain.train()
+    base = make_cfg(LORA + "max_steps: 5\nsave_steps: 100\nuse_liger_kernel: false\n")
+    plain = Run(base.model_copy(update={"lora_qkv_kernel": False, "lora_o_kernel": False, "lora_mlp_kernel": False}))
+    plain.train()   # (explicitly off: on a GPU they are on by default)
     fused = Run(base.model_copy(update={"output_dir": str(base.output_dir) + "-fused", "lora_qkv_kernel": True,
                                         "lora_o_kernel": True, "lora_mlp_kernel": True}))
     fused.train()

@@ -4,23 +4,9 @@ worker's mistake said once with its ranks."""
 import os, re, shlex, signal, subprocess, sys
 from pathlib import Path
 from ftlab.events import read_metrics
+from run_helpers import RUN_CONFIG as CFG
 
 EXE = Path(sys.executable).parent / "ftlab"
-CFG = """base_model: ftlab:tiny
-adapter: lora
-lora_r: 8
-lora_alpha: 16
-lora_target_linear: true
-sequence_len: 128
-micro_batch_size: 2
-learning_rate: 0.002
-logging_steps: 1
-save_steps: 1000
-output_dir: {out}
-datasets:
-  - path: ftlab:data/chat.jsonl
-    type: chat_template
-"""
 
 
 def config(tmp_path, name, extra=""):
@@ -131,3 +117,32 @@ def test_two_processes_stream_their_own_rows_and_save_where_each_stands(tmp_path
     rows = [list(islice(stream.rows(rank, 2), 4)) for rank in (0, 1)]       # 2 steps x 2 rows on each process
     assert [json.loads(r[-1][STATE_KEY]) for r in rows] == saved["positions"]
     assert not {tuple(x["input_ids"]) for x in rows[0]} & {tuple(x["input_ids"]) for x in rows[1]}
+
+
+def test_fsdp2_on_a_cpu_says_it_trains_with_ddp(tmp_path):
+    """`fsdp_version: 2` on two CPU processes: Accelerate makes a run FSDP only on GPUs, so the same processes train
+    with DDP. The plan and the run say so (and the start event records it) rather than pretend to shard."""
+    cfg = config(tmp_path, "fsdp", "fsdp_version: 2\nfsdp_config:\n  fsdp_offload_params: true\n  "
+                                   "fsdp_state_dict_type: SHARDED_STATE_DICT\n")
+    cfg.write_text(cfg.read_text().replace("save_steps: 1000", "save_steps: 2"))
+    r = ftlab("train", cfg, "--num-processes", 2, "--max-steps", 2)
+    assert r.returncode == 0, r.stdout + r.stderr
+    said = "FSDP2 shards across GPUs; on a machine without one Accelerate trains with DDP (gloo): nothing is sharded or offloaded"
+    assert f"parallel  DDP — {said}" in r.stdout and f"note: {said}" in r.stdout        # the plan, then the run
+    (start,) = [x for x in read_metrics(tmp_path / "fsdp") if x["event"] == "start"]
+    assert start["world_size"] == 2 and start["strategy"] == "DDP" and "training: 2 steps on 2 processes · DDP" in r.stdout
+    ckpt = tmp_path / "fsdp" / "checkpoint-2"
+    assert (ckpt / "rng_state_1.pth").exists() and not list(ckpt.glob("pytorch_model_fsdp*"))   # a DDP checkpoint
+    assert [x["step"] for x in logs(tmp_path / "fsdp")] == [1, 2]
+
+
+def test_deepspeed_needs_its_package_or_runs(tmp_path):
+    "Without the deepspeed package a DeepSpeed config is one message before anything starts (scripts/test_deepspeed.sh runs it)."
+    from ftlab.config.parallel import deepspeed_installed
+    r = ftlab("validate", config(tmp_path, "ds", "deepspeed: zero3\n"))
+    if deepspeed_installed():
+        assert r.returncode == 0, r.stdout + r.stderr
+    else:
+        assert r.returncode == 2 and r.stderr.count("\n") <= 3, r.stderr
+        assert "key `deepspeed`: `deepspeed` asks for DeepSpeed ZeRO, and the deepspeed package is not installed" in r.stderr
+        assert "pip install deepspeed" in r.stderr
