@@ -48,13 +48,21 @@ def test_full_fine_tuning_has_no_lora_kernels():
     assert c.lora == () and "does nothing in full fine-tuning" in c.notes[0]
 
 
-def test_a_run_with_the_defaults_says_which_kernels_ran(tmp_path):
-    "One LoRA step on the tiny Llama with no kernel key: on a CPU nothing is fused and nothing said; on a GPU both run."
+STREAM = "pretraining_dataset: [{path: ftlab:data/completion.jsonl}]\nsample_packing: true\nsequence_len: 128\n"
+
+
+@pytest.mark.parametrize("streamed", [False, True], ids=["datasets", "pretraining_dataset"])
+def test_a_run_with_the_defaults_says_which_kernels_ran(tmp_path, streamed):
+    """One LoRA step on the tiny Llama with no kernel key: on a CPU nothing is fused and nothing said; on a GPU both run.
+    A streamed run's trainer is the one built with the kernels chosen, and its checkpoint has the stream's position."""
     from ftlab.kernels.lora import fused_lora_summary
     from ftlab.run import Run
-    cfg = load_config(LORA.replace("}]", ", type: chat_template}]") + f"output_dir: {tmp_path / 'out'}\nlora_target_linear: true\n"
-                      "max_steps: 1\nsave_steps: 100\nmicro_batch_size: 2\n")
+    from ftlab.stream import STATE_FILE
+    data = STREAM if streamed else "datasets: [{path: ftlab:data/chat.jsonl, type: chat_template}]\n"
+    cfg = load_config(LORA.replace("datasets: [{path: ftlab:data/chat.jsonl}]\n", data) + f"output_dir: {tmp_path / 'out'}\n"
+                      "lora_target_linear: true\nmax_steps: 1\nsave_steps: 1\nmicro_batch_size: 2\n")
     run = Run(cfg).train()
+    assert run.state == "finished" and (tmp_path / "out" / "checkpoint-1" / STATE_FILE).exists() == streamed
     notes = [r["message"] for r in run.records if r["event"] == "note"]
     kernel_notes = [n for n in notes if "LoRA" in n or "Liger" in n]
     patched = fused_lora_summary(run.trainer.model)["patched"]
