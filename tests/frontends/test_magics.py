@@ -182,3 +182,17 @@ def test_num_processes_trains_in_workers_and_the_stop_saves_one_checkpoint(shell
     assert steps == list(range(1, 9)), steps
     assert [x["world_size"] for x in read_metrics(out) if x["event"] == "start"] == [2, 2]
     assert (out / "adapter_model.safetensors").exists()
+
+
+def test_worker_processes_from_a_real_kernel(tmp_path):
+    "The same through a Jupyter kernel (nbclient): the cell's output holds the live chart's bundle, the run binds."
+    import nbformat
+    from nbclient import NotebookClient
+    body = yaml(tmp_path).replace("micro_batch_size: 4\n", "micro_batch_size: 2\n")
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("%load_ext ftlab"),
+                                         nbformat.v4.new_code_cell("%%finetune --name r --num-processes 2 --max-steps 2\n" + body),
+                                         nbformat.v4.new_code_cell("print(r.state, list(r.history['step']))")])
+    NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+    bundles = [k for o in nb.cells[1].outputs for k in o.get("data", {})]
+    assert "application/vnd.plotly.v1+json" in bundles, nb.cells[1].outputs
+    assert "finished [1, 2]" in "".join(o.get("text", "") for o in nb.cells[2].outputs)
