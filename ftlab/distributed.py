@@ -46,7 +46,7 @@ def gather(obj) -> list:
 # %% auto #0
 __all__ = ['STATUS_DIR_ENV', 'world_size', 'rank', 'launched', 'is_main', 'any_rank', 'gather', 'under_launcher', 'report_status',
            'read_statuses', 'summary', 'launch_problem', 'strategy_of', 'save_whole', 'free_port', 'launch_command',
-           'launch']
+           'Workers', 'launch', 'notebook_references']
 
 # %% ../nbs/33_distributed.ipynb #fa2b2444
 STATUS_DIR_ENV = "FTLAB_STATUS_DIR"
@@ -129,39 +129,68 @@ def launch_command(argv: list[str], n: int, port: int) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={n}", "--master_addr=127.0.0.1",
             f"--master_port={port}", "-m", "ftlab", *argv]
 
-def launch(argv: list[str], n: int, gpus: str | None = None, cpu: bool = False) -> int:
-    "Run `ftlab ARGV` as `n` worker processes; say how they ended; the exit status."
-    import psutil
-    status = tempfile.mkdtemp(prefix="ftlab-ranks-")
-    env = {**os.environ, STATUS_DIR_ENV: status, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")
-           or str(max(1, (os.cpu_count() or 1) // n))}
-    if gpus is not None: env["CUDA_VISIBLE_DEVICES"] = gpus
-    if cpu: env["ACCELERATE_USE_CPU"] = "1"
-    proc = subprocess.Popen(launch_command(argv, n, free_port()), env=env, start_new_session=True,
-                            stderr=subprocess.PIPE, text=True)
-    chatter: list[str] = []
-    reader = threading.Thread(target=lambda: chatter.extend(proc.stderr), daemon=True)
-    reader.start()
-    def forward(signum, frame):
-        for child in psutil.Process(proc.pid).children(recursive=True):
+class Workers:
+    """`ftlab ARGV` running as `n` worker processes under torch's elastic launcher, in a session of their own (so a
+    Ctrl-C meant for the caller reaches them only through `interrupt`)."""
+    def __init__(self, argv: list[str], n: int, gpus: str | None = None, cpu: bool = False):
+        self.n, self.status = n, tempfile.mkdtemp(prefix="ftlab-ranks-")
+        env = {**os.environ, STATUS_DIR_ENV: self.status, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")
+               or str(max(1, (os.cpu_count() or 1) // n))}
+        if gpus is not None: env["CUDA_VISIBLE_DEVICES"] = gpus
+        if cpu: env["ACCELERATE_USE_CPU"] = "1"
+        self.proc = subprocess.Popen(launch_command(argv, n, free_port()), env=env, start_new_session=True,
+                                     stderr=subprocess.PIPE, text=True)
+        self.chatter: list[str] = []
+        self.reader = threading.Thread(target=lambda: self.chatter.extend(self.proc.stderr), daemon=True)
+        self.reader.start()
+
+    def interrupt(self):
+        "Ctrl-C for every worker: all of them stop at the end of the same step and save one checkpoint."
+        import psutil
+        try: children = psutil.Process(self.proc.pid).children(recursive=True)
+        except psutil.NoSuchProcess: return
+        for child in children:
             try: child.send_signal(signal.SIGINT)
             except psutil.NoSuchProcess: pass
-    previous = signal.signal(signal.SIGINT, forward) if threading.current_thread() is threading.main_thread() else None
-    try:
-        while (rc := proc.poll()) is None:
-            # A rank that failed has said why; the others may sit in a collective that no signal interrupts, and the
-            # launcher would wait half a minute before killing them. End them now.
-            if any(s["exit"] not in (0, 130) for s in read_statuses(status)):
-                try: proc.wait(timeout=3)
-                except subprocess.TimeoutExpired: os.killpg(proc.pid, signal.SIGKILL)
-            try: proc.wait(timeout=0.5)
+
+    def poll(self) -> int | None:
+        "The launcher's exit status once it has ended, else None."
+        # A rank that failed has said why; the others may sit in a collective that no signal interrupts, and the
+        # launcher would wait half a minute before killing them. End them now.
+        if self.proc.poll() is None and any(s["exit"] not in (0, 130) for s in read_statuses(self.status)):
+            try: self.proc.wait(timeout=3)
+            except subprocess.TimeoutExpired: os.killpg(self.proc.pid, signal.SIGKILL)
+        return self.proc.poll()
+
+    def finish(self) -> tuple[int, list[str]]:
+        "Wait for the workers to end: the exit status and the lines that say how they ended."
+        while (rc := self.poll()) is None:
+            try: self.proc.wait(timeout=0.5)
             except subprocess.TimeoutExpired: pass
+        self.reader.join(timeout=5)
+        code, lines = summary(read_statuses(self.status), self.n)
+        if not lines and rc != 0 and code in (0, 1):   # no worker said why: show what the launcher saw
+            lines, code = ["".join(self.chatter[-40:]).rstrip()], code or rc
+        return code, lines
+
+def launch(argv: list[str], n: int, gpus: str | None = None, cpu: bool = False) -> int:
+    "Run `ftlab ARGV` as `n` worker processes, Ctrl-C passed on to them; say how they ended; the exit status."
+    workers = Workers(argv, n, gpus, cpu)
+    on_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: workers.interrupt()) if on_main else None
+    try: code, lines = workers.finish()
     finally:
         if previous is not None: signal.signal(signal.SIGINT, previous)
-    reader.join(timeout=5)
-    code, lines = summary(read_statuses(status), n)
     for line in lines: print(line, file=sys.stderr)
-    if not lines and rc != 0 and code in (0, 1):   # no worker said why: show what the launcher saw
-        sys.stderr.write("".join(chatter[-40:]))
-        code = code or rc
     return code
+
+def notebook_references(cfg) -> list[str]:
+    "The `@name`s of notebook objects a config uses (data, reward functions, transforms): worker processes cannot see them."
+    found = []
+    def walk(x):
+        if isinstance(x, str):
+            if x.startswith("@") and x[1:].replace(".", "_").isidentifier(): found.append(x)
+        elif isinstance(x, dict): [walk(v) for v in x.values()]
+        elif isinstance(x, (list, tuple)): [walk(v) for v in x]
+    walk(cfg.model_dump(mode="json"))
+    return list(dict.fromkeys(found))

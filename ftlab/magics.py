@@ -21,9 +21,12 @@ def _flag_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--gpus")
+    p.add_argument("--num-processes", type=int)
     return p
 
-FLAGS_HELP = "%%finetune [--dry-run] [--name NAME] [--max-steps N] [--resume] [--overwrite] [--set key.sub=value ...]"
+FLAGS_HELP = ("%%finetune [--dry-run] [--name NAME] [--max-steps N] [--resume] [--overwrite] [--set key.sub=value ...] "
+              "[--gpus N | --gpus 0,1] [--num-processes N]")
 
 def parse_flags(line: str):
     "The `%%finetune` line's flags, or an FtlabError saying what is wrong with them."
@@ -34,6 +37,14 @@ def parse_flags(line: str):
     if rest: raise FtlabError(f"unknown %%finetune flag(s): {' '.join(rest)}", fix=f"usage: {FLAGS_HELP}")
     if args.name and not args.name.isidentifier():
         raise FtlabError(f"--name {args.name} is not a Python name", fix="use letters, digits and _, e.g. --name r1")
+    # `--gpus 2` is a count of GPUs, `--gpus 0,1` names them; `--num-processes N` also runs N CPU processes
+    ids = [g.strip() for g in (args.gpus or "").split(",") if g.strip()]
+    if args.gpus is not None and (not ids or not all(g.isdigit() for g in ids)):
+        raise FtlabError(f"--gpus {args.gpus} is neither a number of GPUs nor a list of them", fix="e.g. --gpus 2 or --gpus 0,1")
+    count = int(ids[0]) if len(ids) == 1 and "," not in args.gpus else len(ids)
+    args.gpu_ids = args.gpus if "," in (args.gpus or "") else None
+    args.processes = args.num_processes if args.num_processes is not None else count or 1
+    if args.processes < 1: raise FtlabError("--gpus and --num-processes need at least 1", fix=f"usage: {FLAGS_HELP}")
     return args
 
 # %% ../nbs/19_magics.ipynb #aec9d831
@@ -109,10 +120,12 @@ class FtlabMagics(Magics):
         self.runs[name] = run
         if args.name: self.shell.user_ns[args.name] = run
         prepared = run.prepare()
-        display(PlanView(make_plan(cfg, prepared), run.masks(2)))
+        n = args.processes
+        display(PlanView(make_plan(cfg, prepared, n if n > 1 else None), run.masks(2)))
         if args.dry_run:
             run.check()   # e.g. GRPO's reward functions, called on a few prepared rows
             return
+        if n > 1: return self._train_in_workers(args, cell, run, name, n)
         # A resumed run's chart continues its earlier history; a fresh run starts an empty one.
         dash = Dashboard.for_run(run, history=args.resume)
         run.observers.append(dash)
@@ -125,6 +138,50 @@ class FtlabMagics(Magics):
         if (run.output_dir / "completions.jsonl").exists():
             shown = (cfg.trl.num_completions_to_print if cfg.trl is not None else None) or 4
             display(run.completions(last=1, per_prompt=shown))
+
+    def _train_in_workers(self, args, cell, run, name, n):
+        "Train in `n` worker processes that this cell starts and ends, its dashboard following their metrics.jsonl."
+        import tempfile, time
+        from pathlib import Path
+        from ftlab.dashboard import Dashboard
+        from ftlab.distributed import Workers, notebook_references
+        from ftlab.model import device_info
+        from ftlab.run import Run
+        from ftlab.runfolder import refuse_to_bury
+        from ftlab.tui import MetricsTail
+        if names := notebook_references(run.cfg):
+            raise FtlabError(f"{', '.join(f'`{x}`' for x in names)} name{'s' if len(names) == 1 else ''} notebook objects, "
+                             f"which the {n} worker processes cannot see",
+                             fix="save data to a file and give its path (e.g. `df.to_json('rows.jsonl', orient='records', lines=True)`), "
+                                 "give functions by import path (`module.function`), or train in this kernel without --gpus")
+        refuse_to_bury(run.cfg, resuming=args.resume, overwrite=args.overwrite)   # before any worker starts
+        config = Path(tempfile.mkdtemp(prefix="ftlab-cell-")) / "config.yaml"
+        config.write_text(cell)
+        argv = (["train", str(config)] + [w for o in args.overrides for w in ("--set", o)]
+                + (["--max-steps", str(args.max_steps)] if args.max_steps is not None else [])
+                + (["--resume"] if args.resume else []) + (["--overwrite"] if args.overwrite else []) + ["--launcher", "python"])
+        metrics = run.output_dir / "metrics.jsonl"
+        tail = MetricsTail(run.output_dir, metrics.stat().st_size if args.resume and metrics.exists() else 0)
+        dash = Dashboard.for_run(run, history=args.resume)
+        run.resume_command += f" --num-processes {n}"
+        workers = Workers(argv, n, args.gpu_ids, cpu=not device_info()["cuda"])
+        try:
+            while True:
+                try:
+                    for r in tail.read(): dash(r)
+                    if workers.poll() is not None: break
+                    time.sleep(0.5)
+                except KeyboardInterrupt:   # the notebook's stop: every rank saves one checkpoint at the same step
+                    workers.interrupt()
+            for r in tail.read(): dash(r)
+        finally:
+            dash.close()
+        code, lines = workers.finish()
+        done = Run.load(run.output_dir, namespace=self.shell.user_ns) if (run.output_dir / "config.yaml").exists() else run
+        done.resume_command = run.resume_command
+        self.runs[name] = done
+        if args.name: self.shell.user_ns[args.name] = done
+        if lines: self._show_error(FtlabError("\n".join(lines), fix="see the message above; nothing in the run folder was lost"))
 
     @line_magic
     def ftlab(self, line: str):

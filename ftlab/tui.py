@@ -13,7 +13,7 @@ from .events import METRICS_FILE, format_record
 
 # %% auto #0
 __all__ = ['BLOCKS', 'URGENT', 'columns', 'block_rows', 'panel_lines', 'run_info', 'render', 'TerminalDashboard', 'holder_alive',
-           'follow', 'watch']
+           'MetricsTail', 'follow', 'watch']
 
 # %% ../nbs/30_tui.ipynb #8d9703ce
 BLOCKS = " ▁▂▃▄▅▆▇█"
@@ -238,24 +238,36 @@ def holder_alive(output_dir) -> bool | None:
     try: return Path(f"/proc/{int(words[1])}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"   # a zombie is gone
     except (OSError, IndexError): return True
 
+class MetricsTail:
+    "The records appended to `output_dir/metrics.jsonl` after byte `start`, a batch per `read()` (a line half-written waits)."
+    def __init__(self, output_dir, start: int = 0):
+        self.path, self.pos, self.buf, self.seen = Path(output_dir) / METRICS_FILE, start, b"", []
+
+    def read(self) -> list[dict]:
+        if not self.path.exists(): return []
+        if self.path.stat().st_size < self.pos: self.pos, self.buf = 0, b""   # the file was begun again (`--overwrite`)
+        with open(self.path, "rb") as f:
+            f.seek(self.pos); chunk = f.read(); self.pos = f.tell()
+        *lines, self.buf = (self.buf + chunk).split(b"\n")
+        new = []
+        for line in lines:
+            try: new.append(json.loads(line))
+            except json.JSONDecodeError: continue
+        self.seen += new
+        return new
+
+    def ended(self) -> bool: return _ended(self.seen)
+
 def follow(output_dir, poll: float = 0.5, settle: float = 1.0, on_idle=None):
     "Yield the records of `output_dir/metrics.jsonl`, old and new, until the run ends (or its process is gone)."
-    path, pos, buf, seen, quiet_since = Path(output_dir) / METRICS_FILE, 0, b"", [], time.time()
+    tail, quiet_since = MetricsTail(output_dir), time.time()
+    seen = tail.seen
     while True:
-        got = False
-        if path.exists():
-            with open(path, "rb") as f:
-                f.seek(pos); chunk = f.read(); pos = f.tell()
-            buf += chunk
-            *lines, buf = buf.split(b"\n")
-            for line in lines:
-                try: r = json.loads(line)
-                except json.JSONDecodeError: continue
-                seen.append(r); got = True
-                yield r
+        got = tail.read()
+        yield from got
         if got: quiet_since = time.time()
         idle = time.time() - quiet_since
-        if idle >= settle and _ended(seen): return
+        if idle >= settle and tail.ended(): return
         if idle >= max(settle, 5 * poll) and seen and not _ended(seen) and holder_alive(output_dir) is False:
             yield {"event": "end", "step": status(seen)["step"], "status": "gone",
                    "message": "the training process is gone without an end record (killed?); `--resume` continues from its last checkpoint"}

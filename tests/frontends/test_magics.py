@@ -126,3 +126,73 @@ def test_chat_after_run(shell, tmp_path):
     with capture_output() as cap:
         reply = shell.user_ns["talk"].chat("What is 2 plus 3?", max_new_tokens=8)
     assert reply and reply in cap.stdout
+
+
+def test_gpus_and_num_processes_flags():
+    from ftlab.errors import FtlabError
+    from ftlab.magics import parse_flags
+    a = parse_flags("--gpus 2")
+    assert (a.processes, a.gpu_ids) == (2, None)                 # a count of GPUs
+    a = parse_flags("--gpus 0,3")
+    assert (a.processes, a.gpu_ids) == (2, "0,3")                # these GPUs
+    assert parse_flags("--num-processes 3").processes == 3 and parse_flags("").processes == 1
+    for bad in ("--gpus two", "--gpus 0,x", "--num-processes 0"):
+        with pytest.raises(FtlabError, match="--gpus|--num-processes"): parse_flags(bad)
+
+
+def test_workers_cannot_see_notebook_objects(shell, tmp_path):
+    shell.user_ns["rows"] = [{"text": "hello"}]
+    body = yaml(tmp_path).replace("path: ftlab:data/chat.jsonl\n    type: chat_template", 'path: "@rows"\n    type: completion')
+    cap, _ = cell(shell, "--num-processes 2 --max-steps 2", body)
+    page = html_of(cap)
+    assert "`@rows` names notebook objects" in page and "worker processes cannot see" in page
+    assert not (tmp_path / "out" / "config.yaml").exists()       # refused before anything was written
+
+
+def test_num_processes_trains_in_workers_and_the_stop_saves_one_checkpoint(shell, tmp_path, monkeypatch):
+    """`%%finetune --num-processes 2` (`--gpus 2` on a GPU machine): two worker processes train, the cell's dashboard
+    follows their metrics.jsonl; the notebook's stop (SIGINT to the kernel) stops both at one step with a checkpoint,
+    and `--resume` goes on in two processes."""
+    import threading, time
+    import ftlab.dashboard as dash
+    from ftlab.events import read_metrics
+    monkeypatch.setattr(dash, "in_notebook", lambda: True)
+    out = tmp_path / "out"
+    def stop_after_step_2():
+        while True:
+            time.sleep(0.2)
+            try: logs = [r for r in read_metrics(out) if r["event"] == "log"]
+            except Exception: continue
+            if logs and logs[-1]["step"] >= 2:
+                os.kill(os.getpid(), signal.SIGINT); return
+    threading.Thread(target=stop_after_step_2, daemon=True).start()
+    body = yaml(tmp_path, "save_steps: 100\nmicro_batch_size: 2\n").replace("micro_batch_size: 4\n", "")
+    cap, _ = cell(shell, "--name multi --num-processes 2 --max-steps 8", body)
+    r = shell.user_ns["multi"]
+    assert r.state == "interrupted" and 2 <= r.stopped_at < 8, (r.state, html_of(cap)[-2000:])
+    (start,) = [x for x in read_metrics(out) if x["event"] == "start"]
+    assert start["world_size"] == 2
+    ckpt = out / f"checkpoint-{r.stopped_at}"
+    assert sorted(p.name for p in ckpt.glob("rng_state_*.pth")) == ["rng_state_0.pth", "rng_state_1.pth"]
+    assert "application/vnd.plotly.v1+json" in "".join(str(o.data.keys()) for o in cap.outputs)   # the live chart
+    cap, _ = cell(shell, "--name again --num-processes 2 --max-steps 8 --resume", body)
+    again = shell.user_ns["again"]
+    assert again.state == "finished", html_of(cap)[-2000:]
+    steps = [x["step"] for x in read_metrics(out) if x["event"] == "log"]
+    assert steps == list(range(1, 9)), steps
+    assert [x["world_size"] for x in read_metrics(out) if x["event"] == "start"] == [2, 2]
+    assert (out / "adapter_model.safetensors").exists()
+
+
+def test_worker_processes_from_a_real_kernel(tmp_path):
+    "The same through a Jupyter kernel (nbclient): the cell's output holds the live chart's bundle, the run binds."
+    import nbformat
+    from nbclient import NotebookClient
+    body = yaml(tmp_path).replace("micro_batch_size: 4\n", "micro_batch_size: 2\n")
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("%load_ext ftlab"),
+                                         nbformat.v4.new_code_cell("%%finetune --name r --num-processes 2 --max-steps 2\n" + body),
+                                         nbformat.v4.new_code_cell("print(r.state, list(r.history['step']))")])
+    NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+    bundles = [k for o in nb.cells[1].outputs for k in o.get("data", {})]
+    assert "application/vnd.plotly.v1+json" in bundles, nb.cells[1].outputs
+    assert "finished [1, 2]" in "".join(o.get("text", "") for o in nb.cells[2].outputs)

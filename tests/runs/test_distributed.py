@@ -146,3 +146,22 @@ def test_deepspeed_needs_its_package_or_runs(tmp_path):
         assert r.returncode == 2 and r.stderr.count("\n") <= 3, r.stderr
         assert "key `deepspeed`: `deepspeed` asks for DeepSpeed ZeRO, and the deepspeed package is not installed" in r.stderr
         assert "pip install deepspeed" in r.stderr
+
+
+def test_dpo_under_ddp_matches_one_process_with_accumulation(tmp_path):
+    "DPO with LoRA in 2 processes x micro-batch 2 against 1 process x 2 x accumulation 2: the same losses and adapter."
+    def dpo(name, extra=""):
+        return config(tmp_path, name, extra).read_text().replace("ftlab:data/chat.jsonl", "ftlab:data/preference.jsonl") \
+            .replace("type: chat_template", "type: chat_template.default") + "rl: dpo\n"
+    (tmp_path / "dpo2.yaml").write_text(dpo("dpo2"))
+    (tmp_path / "dpo1.yaml").write_text(dpo("dpo1", "gradient_accumulation_steps: 2\n"))
+    two = ftlab("train", tmp_path / "dpo2.yaml", "--num-processes", 2, "--max-steps", 3)
+    one = ftlab("train", tmp_path / "dpo1.yaml", "--max-steps", 3)
+    assert two.returncode == 0 and one.returncode == 0, two.stderr[-2000:] + one.stderr[-2000:]
+    (start,) = [r for r in read_metrics(tmp_path / "dpo2") if r["event"] == "start"]
+    assert start["world_size"] == 2
+    a, b = logs(tmp_path / "dpo2"), logs(tmp_path / "dpo1")
+    assert [r["step"] for r in a] == [1, 2, 3] and "rewards/margins" in a[-1]
+    for x, y in zip(a, b): assert abs(x["loss"] - y["loss"]) < 1e-5, (x["loss"], y["loss"])
+    wa, wb = adapter(tmp_path / "dpo2"), adapter(tmp_path / "dpo1")
+    assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) < 1e-5
