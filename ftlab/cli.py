@@ -108,12 +108,13 @@ def cmd_preprocess(args) -> int:
     return 0
 
 # %% ../nbs/12_cli.ipynb #a3a20ab7
-def _processes(args) -> int:
-    "Worker processes to start: `--num-processes`, else one per GPU named or visible; 1 inside a launch."
+def _processes(args, cfg=None) -> int:
+    "Worker processes to start: `--num-processes`, else the GPUs named, else the config's `num_processes`, else one per visible GPU; 1 inside a launch."
     from ftlab.distributed import launched
     if args.launcher == "python" or launched(): return 1      # this process is a worker
     if args.num_processes: return args.num_processes
     if args.gpus: return len([g for g in args.gpus.split(",") if g.strip()])
+    if cfg is not None and cfg.num_processes: return cfg.num_processes
     import torch
     return max(1, torch.cuda.device_count())
 
@@ -125,7 +126,7 @@ def cmd_train(args) -> int:
     if args.gpus: os.environ["CUDA_VISIBLE_DEVICES"] = args.gpus
     cfg = _load(args, show_notes=not under_launcher())
     if args.max_steps is not None: cfg = cfg.model_copy(update={"max_steps": args.max_steps})
-    n = _processes(args)
+    n = _processes(args, cfg)
     import torch
     cuda = torch.cuda.is_available()
     # DeepSpeed, and FSDP2 on GPUs, run only in processes a launcher started: one process is one worker then

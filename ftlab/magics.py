@@ -43,8 +43,8 @@ def parse_flags(line: str):
         raise FtlabError(f"--gpus {args.gpus} is neither a number of GPUs nor a list of them", fix="e.g. --gpus 2 or --gpus 0,1")
     count = int(ids[0]) if len(ids) == 1 and "," not in args.gpus else len(ids)
     args.gpu_ids = args.gpus if "," in (args.gpus or "") else None
-    args.processes = args.num_processes if args.num_processes is not None else count or 1
-    if args.processes < 1: raise FtlabError("--gpus and --num-processes need at least 1", fix=f"usage: {FLAGS_HELP}")
+    args.processes = args.num_processes if args.num_processes is not None else count or None   # None: the config says
+    if args.processes is not None and args.processes < 1: raise FtlabError("--gpus and --num-processes need at least 1", fix=f"usage: {FLAGS_HELP}")
     return args
 
 # %% ../nbs/19_magics.ipynb #aec9d831
@@ -120,7 +120,7 @@ class FtlabMagics(Magics):
         self.runs[name] = run
         if args.name: self.shell.user_ns[args.name] = run
         prepared = run.prepare()
-        n = args.processes
+        n = args.processes or cfg.num_processes or 1
         display(PlanView(make_plan(cfg, prepared, n if n > 1 else None), run.masks(2)))
         if args.dry_run:
             run.check()   # e.g. GRPO's reward functions, called on a few prepared rows

@@ -187,3 +187,20 @@ def test_reward_functions_import_from_the_folder_ftlab_runs_in(tmp_path):
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "rewards/accuracy" in (tmp_path / "out" / "metrics.jsonl").read_text()
+
+
+def test_how_many_worker_processes_train_starts(monkeypatch):
+    "`--num-processes`, then `--gpus`, then the config's `num_processes`, then one per visible GPU; 1 inside a launch."
+    import argparse, torch
+    from ftlab.cli import _processes
+    from ftlab.config import load_config
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 3)
+    cfg = load_config("base_model: ftlab:tiny\nnum_processes: 2\ndatasets: [{path: ftlab:data/chat.jsonl}]\n")
+    plain = load_config("base_model: ftlab:tiny\ndatasets: [{path: ftlab:data/chat.jsonl}]\n")
+    args = lambda **kw: argparse.Namespace(**{"launcher": None, "num_processes": None, "gpus": None, **kw})
+    assert _processes(args(num_processes=4), cfg) == 4 and _processes(args(gpus="0,1,2"), cfg) == 3
+    assert _processes(args(), cfg) == 2 and _processes(args(), plain) == 3
+    assert _processes(args(launcher="python"), cfg) == 1
+    monkeypatch.setenv("LOCAL_RANK", "0")                  # a worker the launcher started
+    assert _processes(args(), cfg) == 1

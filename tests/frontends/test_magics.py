@@ -135,7 +135,7 @@ def test_gpus_and_num_processes_flags():
     assert (a.processes, a.gpu_ids) == (2, None)                 # a count of GPUs
     a = parse_flags("--gpus 0,3")
     assert (a.processes, a.gpu_ids) == (2, "0,3")                # these GPUs
-    assert parse_flags("--num-processes 3").processes == 3 and parse_flags("").processes == 1
+    assert parse_flags("--num-processes 3").processes == 3 and parse_flags("").processes is None
     for bad in ("--gpus two", "--gpus 0,x", "--num-processes 0"):
         with pytest.raises(FtlabError, match="--gpus|--num-processes"): parse_flags(bad)
 
@@ -186,14 +186,17 @@ def test_num_processes_trains_in_workers_and_the_stop_saves_one_checkpoint(shell
 
 
 def test_worker_processes_from_a_real_kernel(tmp_path):
-    "The same through a Jupyter kernel (nbclient): the cell's output holds the live chart's bundle, the run binds."
+    """The same through a Jupyter kernel (nbclient), the processes asked by the config's `num_processes` this time: the
+    cell's output holds the live chart's bundle, the run has two ranks and binds to its name."""
     import nbformat
     from nbclient import NotebookClient
-    body = yaml(tmp_path).replace("micro_batch_size: 4\n", "micro_batch_size: 2\n")
+    from ftlab.events import read_metrics
+    body = yaml(tmp_path).replace("micro_batch_size: 4\n", "micro_batch_size: 2\nnum_processes: 2\n")
     nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("%load_ext ftlab"),
-                                         nbformat.v4.new_code_cell("%%finetune --name r --num-processes 2 --max-steps 2\n" + body),
+                                         nbformat.v4.new_code_cell("%%finetune --name r --max-steps 2\n" + body),
                                          nbformat.v4.new_code_cell("print(r.state, list(r.history['step']))")])
     NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
     bundles = [k for o in nb.cells[1].outputs for k in o.get("data", {})]
     assert "application/vnd.plotly.v1+json" in bundles, nb.cells[1].outputs
     assert "finished [1, 2]" in "".join(o.get("text", "") for o in nb.cells[2].outputs)
+    assert [r["world_size"] for r in read_metrics(tmp_path / "out") if r["event"] == "start"] == [2]

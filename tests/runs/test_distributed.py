@@ -3,6 +3,7 @@ process with accumulation, one run folder written by rank 0, a stop every rank t
 worker's mistake said once with its ranks."""
 import os, re, shlex, signal, subprocess, sys
 from pathlib import Path
+import pytest
 from ftlab.events import read_metrics
 from run_helpers import RUN_CONFIG as CFG
 
@@ -148,20 +149,22 @@ def test_deepspeed_needs_its_package_or_runs(tmp_path):
         assert "pip install deepspeed" in r.stderr
 
 
-def test_dpo_under_ddp_matches_one_process_with_accumulation(tmp_path):
-    "DPO with LoRA in 2 processes x micro-batch 2 against 1 process x 2 x accumulation 2: the same losses and adapter."
-    def dpo(name, extra=""):
+@pytest.mark.parametrize("method, data_type, logged", [("rl: dpo", "chat_template.default", "rewards/margins"),
+                                                      ("reward_model: true", "bradley_terry.chat_template", "accuracy")])
+def test_preference_methods_under_ddp_match_one_process_with_accumulation(tmp_path, method, data_type, logged):
+    "DPO and a reward model, LoRA, 2 processes x micro-batch 2 against 1 process x 2 x accumulation 2: the same losses and weights."
+    def text(name, extra=""):
         return config(tmp_path, name, extra).read_text().replace("ftlab:data/chat.jsonl", "ftlab:data/preference.jsonl") \
-            .replace("type: chat_template", "type: chat_template.default") + "rl: dpo\n"
-    (tmp_path / "dpo2.yaml").write_text(dpo("dpo2"))
-    (tmp_path / "dpo1.yaml").write_text(dpo("dpo1", "gradient_accumulation_steps: 2\n"))
-    two = ftlab("train", tmp_path / "dpo2.yaml", "--num-processes", 2, "--max-steps", 3)
-    one = ftlab("train", tmp_path / "dpo1.yaml", "--max-steps", 3)
+            .replace("type: chat_template", f"type: {data_type}") + method + "\n"
+    (tmp_path / "two.yaml").write_text(text("two"))
+    (tmp_path / "one.yaml").write_text(text("one", "gradient_accumulation_steps: 2\n"))
+    two = ftlab("train", tmp_path / "two.yaml", "--num-processes", 2, "--max-steps", 3)
+    one = ftlab("train", tmp_path / "one.yaml", "--max-steps", 3)
     assert two.returncode == 0 and one.returncode == 0, two.stderr[-2000:] + one.stderr[-2000:]
-    (start,) = [r for r in read_metrics(tmp_path / "dpo2") if r["event"] == "start"]
+    (start,) = [r for r in read_metrics(tmp_path / "two") if r["event"] == "start"]
     assert start["world_size"] == 2
-    a, b = logs(tmp_path / "dpo2"), logs(tmp_path / "dpo1")
-    assert [r["step"] for r in a] == [1, 2, 3] and "rewards/margins" in a[-1]
+    a, b = logs(tmp_path / "two"), logs(tmp_path / "one")
+    assert [r["step"] for r in a] == [1, 2, 3] and any(logged in k for k in a[-1]), a[-1].keys()
     for x, y in zip(a, b): assert abs(x["loss"] - y["loss"]) < 1e-5, (x["loss"], y["loss"])
-    wa, wb = adapter(tmp_path / "dpo2"), adapter(tmp_path / "dpo1")
-    assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) < 1e-5
+    wa, wb = adapter(tmp_path / "two"), adapter(tmp_path / "one")
+    assert wa.keys() == wb.keys() and max(float((wa[k] - wb[k]).abs().max()) for k in wa) < 1e-5
