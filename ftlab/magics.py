@@ -141,7 +141,7 @@ class FtlabMagics(Magics):
 
     def _train_in_workers(self, args, cell, run, name, n):
         "Train in `n` worker processes that this cell starts and ends, its dashboard following their metrics.jsonl."
-        import tempfile, time
+        import shutil, tempfile, time
         from pathlib import Path
         from ftlab.dashboard import Dashboard
         from ftlab.distributed import Workers, notebook_references
@@ -176,7 +176,8 @@ class FtlabMagics(Magics):
             for r in tail.read(): dash(r)
         finally:
             dash.close()
-        code, lines = workers.finish()
+        _, lines = workers.finish()
+        shutil.rmtree(config.parent, ignore_errors=True)     # the cell's config as the workers read it
         done = Run.load(run.output_dir, namespace=self.shell.user_ns) if (run.output_dir / "config.yaml").exists() else run
         done.resume_command = run.resume_command
         self.runs[name] = done

@@ -4,13 +4,14 @@
 
 # %% ../../nbs/methods/01_common.ipynb #8b215433
 from __future__ import annotations
-import copy, math
+import contextlib, copy, math
 from .registry import Panel
 
 # %% auto #0
 __all__ = ['LIGER_FLAGS', 'DDP_KEYS', 'LOSS_PANEL', 'GRAD_NORM_PANEL', 'steps_per_epoch', 'training_args', 'liger_kernel_config',
            'checkpointing_args', 'trackers', 'parallel_args', 'trainer_checkpointing', 'schedule_args', 'lr_lambda',
-           'trainer_args', 'select', 'peft_config', 'frozen_copy_needed', 'frozen_reference', 'make_trainer']
+           'trainer_args', 'select', 'peft_config', 'frozen_copy_needed', 'frozen_reference', 'frozen_network',
+           'make_trainer']
 
 # %% ../../nbs/methods/01_common.ipynb #83f1cd2d
 def steps_per_epoch(cfg, n_rows: int, processes: int | None = None) -> int:
@@ -164,6 +165,17 @@ def frozen_reference(cfg, method, model):
     ref = copy.deepcopy(model).eval()
     for p in ref.parameters(): p.requires_grad_(False)
     return ref
+
+@contextlib.contextmanager
+def frozen_network(model, frozen_copy=None):
+    "The frozen base model, in eval mode for the while: `frozen_copy` (from `frozen_reference`), or `model` with its adapter off."
+    net = frozen_copy if frozen_copy is not None else model
+    off = contextlib.nullcontext() if frozen_copy is not None else model.disable_adapter()
+    was = net.training
+    with off:
+        net.eval()
+        try: yield net
+        finally: net.train(was)
 
 def make_trainer(trainer_cls, cfg, method, model, tokenizer, args, train, evalset, callbacks=(), peft: bool = True, **kw):
     "A trainer of `trainer_cls` on ftlab's prepared splits (`peft=False`: the model has its adapter already)."

@@ -8,7 +8,7 @@ import contextlib
 from ..errors import FtlabError, RunError
 from ..health import GRPO_RULES, Rule
 from .registry import Panel, register_method
-from .common import GRAD_NORM_PANEL, frozen_reference, make_trainer
+from .common import GRAD_NORM_PANEL, frozen_network, frozen_reference, make_trainer
 from .timing import TIMING_PANEL
 from .grpo import (GRPO_PANELS, fit_generation, generation_groups, generation_options, grpo_args,
                                 grpo_preflight, grpo_trainer_class, reward_rows)
@@ -80,14 +80,8 @@ def ebft_trainer_class():
         @contextlib.contextmanager
         def feature_network(self):
             "The frozen base model, in eval mode: the frozen copy, or the policy with its adapter switched off."
-            model = self.accelerator.unwrap_model(self.model)
-            net = self.feature_copy if self.feature_copy is not None else model
-            off = contextlib.nullcontext() if self.feature_copy is not None else model.disable_adapter()
-            was = net.training
-            with off, torch.no_grad():
-                net.eval()
-                try: yield feature_model(net)
-                finally: net.train(was)
+            with frozen_network(self.accelerator.unwrap_model(self.model), self.feature_copy) as net, torch.no_grad():
+                yield feature_model(net)
 
         def reference_rows(self, prompts, ground_truth):
             "Per row: the prompt's token ids (as TRL renders them) and the reference's."

@@ -9,7 +9,7 @@ from ..errors import FtlabError
 from ..health import Rule
 from ..completions import store_completions
 from .registry import Panel
-from .common import frozen_reference, peft_config, training_args
+from .common import frozen_network, frozen_reference, peft_config, training_args
 from .timing import TimedSteps
 
 # %% auto #0
@@ -330,14 +330,8 @@ def strided_trainer_class():
         @contextlib.contextmanager
         def feature_network(self):
             "The frozen base model's body, in eval mode: the frozen copy, or the policy with its adapter switched off."
-            model = self.accelerator.unwrap_model(self.model)
-            net = self.feature_copy if self.feature_copy is not None else model
-            off = contextlib.nullcontext() if self.feature_copy is not None else model.disable_adapter()
-            was = net.training
-            with self.clock.phase("rewards"), off:     # the feature pass and the rewards computed in it
-                net.eval()
-                try: yield backbone_and_head(net)[0]
-                finally: net.train(was)
+            with self.clock.phase("rewards"), frozen_network(self.accelerator.unwrap_model(self.model), self.feature_copy) as net:
+                yield backbone_and_head(net)[0]           # the feature pass, and the rewards computed in it
 
         def step(self, model, docs, labels, anchors, valid, blocks):
             "`strided_step`; if flex attention cannot be compiled here, the dense mask (under SDPA) from then on, said once."
