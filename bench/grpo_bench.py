@@ -14,14 +14,15 @@ no activation checkpointing unless `--grad-ckpt`. Rows (`--rows`, comma-separate
 
   trl                TRL's GRPOTrainer as a person writes it: `from_pretrained` + `GRPOConfig` + `peft.LoraConfig`;
                      transformers' `generate` with its default dynamic KV cache (TRL turns compilation off)
-  ftlab              ftlab's GRPO (YAML -> `Run`), its defaults: the same `generate`; on a GPU ftlab's fused LoRA
-                     projections and Liger's kernels
+  ftlab              ftlab's GRPO (YAML -> `Run`), its defaults: on a GPU ftlab's static-cache sampler with CUDA
+                     graphs (`trl.sampler: auto`), ftlab's fused LoRA projections and Liger's kernels
+  ftlab-generate     + `trl.sampler: generate`: the same `generate` as the trl row
   ftlab-static       + `cache_implementation: static` and `generation_kwargs: {disable_compile: false}`: a static KV
                      cache and transformers' compiled decoding step (CUDA graphs)
   ftlab-paged        + `use_transformers_continuous_batching: true`: transformers' continuous batching, paged KV cache
   ftlab-gen4         + `generation_batch_size` = 4 x the micro-batch: four steps' completions generated at once
                      (trained over the next four optimizer steps)
-  ftlab-static-gen4  both
+  ftlab-static-gen4  static + compiled with the 4x generation batch
 
 Each row runs in a child process of its own (`--row`), so memory figures and compiled state belong to it. TRL's
 trainer is timed with ftlab's `GRPOPhases` (measurement only), ftlab's logs the same `timing/*` metrics itself.
@@ -51,7 +52,8 @@ import sft_bench as sb  # noqa: E402
 # row -> (implementation, extra keys of the ftlab config's `trl:` section, generation period k, what it is)
 ROWS = {
     "trl": ("trl", {}, 1, "TRL GRPOTrainer, transformers generate (dynamic cache)"),
-    "ftlab": ("ftlab", {}, 1, "ftlab GRPO, defaults"),
+    "ftlab": ("ftlab", {}, 1, "ftlab GRPO, defaults (on a GPU: ftlab's CUDA-graph sampler)"),
+    "ftlab-generate": ("ftlab", {"sampler": "generate"}, 1, "ftlab GRPO, transformers generate (dynamic cache)"),
     "ftlab-static": ("ftlab", {"cache_implementation": "static", "generation_kwargs": {"disable_compile": False}}, 1,
                      "static KV cache + compiled decoding"),
     "ftlab-paged": ("ftlab", {"use_transformers_continuous_batching": True}, 1, "continuous batching (paged)"),
@@ -59,7 +61,7 @@ ROWS = {
     "ftlab-static-gen4": ("ftlab", {"cache_implementation": "static", "generation_kwargs": {"disable_compile": False}}, 4,
                           "static + compiled, generation_batch_size 4x"),
 }
-DEFAULT_ROWS = "trl,ftlab,ftlab-static,ftlab-paged,ftlab-gen4,ftlab-static-gen4"
+DEFAULT_ROWS = "trl,ftlab,ftlab-generate,ftlab-static,ftlab-paged,ftlab-gen4"
 PHASES = ("generation", "rewards", "logprobs", "update")
 
 

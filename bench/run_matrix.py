@@ -59,7 +59,8 @@ def parse_run(spec: str) -> dict:
 
 def parse_variant(spec: str) -> tuple[str, list[str]]:
     """`LABEL:KEY=VALUE,KEY=VALUE` -> (label, ['KEY=VALUE', ...]): one more ftlab row per ftlab run, with those keys.
-    An item starting with `--` is an `sft_bench.py` flag instead (e.g. `--solo-lora`)."""
+    An item starting with `--` is an `sft_bench.py` flag instead (e.g. `--solo-lora`), except `--torchrun`: the row
+    runs under `python -m torch.distributed.run --nproc_per_node 1` (the launcher's cost on one GPU)."""
     label, _, kvs = spec.partition(":")
     sets = [x for x in kvs.split(",") if x]
     if not label or not all("=" in x or x.startswith("--") for x in sets):
@@ -400,7 +401,9 @@ def main(argv=None):
         if a.warmup is not None: cmd += ["--warmup", str(a.warmup)]
         if r["impl"] == "ftlab":
             for x in [*(a.ftlab_set or []), *r.get("variant_set", [])]:
-                cmd += [x] if x.startswith("--") else ["--ftlab-set", x]
+                if x == "--torchrun":   # the row runs as the one worker of torch's launcher, as a one-GPU FSDP2 / DeepSpeed run does
+                    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1", *cmd[1:]]
+                else: cmd += [x] if x.startswith("--") else ["--ftlab-set", x]
             if r.get("variant"): cmd += ["--label", r["variant"]]
         t = time.time()
         timeout = min(a.timeout, max(left - 5, 10))

@@ -280,6 +280,7 @@ class TRLConfig(Section):
     use_transformers_continuous_batching: bool | None = F(None, "generate with transformers' continuous batching (paged KV cache)")
     transformers_continuous_batching_config: dict[str, Any] | None = F(None, "options of transformers' `ContinuousBatchingConfig`, e.g. `{max_memory_percent: 0.5}`")
     use_transformers_paged: bool | None = F(None, "TRL's older name of `use_transformers_continuous_batching`")
+    sampler: Choice("auto", "graphs", "generate") | None = F(None, "what samples completions without vLLM: `auto` (ftlab's static-cache sampler with CUDA graphs on a GPU where it applies, else transformers' `generate`), `graphs`, `generate`")
     # rewards
     reward_funcs: list[str] | None = F(None, "reward functions: import paths, `@name` (notebook) or Hub reward-model ids")
     reward_weights: list[float] | None = F(None, "one weight per reward function")

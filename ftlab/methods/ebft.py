@@ -285,7 +285,7 @@ def build_ebft(cfg, method, model, tokenizer, prepared, callbacks=(), rollout_fu
     trainer = make_trainer(ebft_trainer_class(), cfg, method, model, tokenizer, args, train, evalset, callbacks,
                            ebft=e, feature_copy=frozen_reference(cfg, method, model), estimator=estimator,
                            max_length=cfg.sequence_len, **extra)
-    fit_generation(trainer, cfg)
+    fit_generation(trainer, cfg, next((c.say for c in callbacks if hasattr(c, "say")), None))
     return trainer
 
 register_method("ebft", build_ebft, description="energy-based fine-tuning: samples rewarded by how their hidden-state "

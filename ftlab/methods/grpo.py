@@ -13,6 +13,7 @@ from ..completions import store_completions
 from .registry import Panel, register_method
 from .common import LOSS_PANEL, GRAD_NORM_PANEL, make_trainer, training_args
 from .reward_calls import guard_reward
+from .sampler import SamplerUnavailable, choose_sampler
 from .timing import TIMING_PANEL, TimedSteps
 
 # %% auto #0
@@ -201,7 +202,7 @@ def wait_for_vllm(cfg, timeout: float | None = None, interval: float = 2.0) -> s
 # %% ../../nbs/methods/05_grpo.ipynb #f67e99fe
 # trl: keys that are not GRPOConfig fields, or mean something else there; the rest pass through by name
 OWN_KEYS = {"reward_funcs", "rollout_func", "max_prompt_length", "log_completions", "num_completions_to_print",
-            "vllm_guided_decoding_regex", "scale_rewards", "use_transformers_paged", "generation_kwargs"}
+            "vllm_guided_decoding_regex", "scale_rewards", "use_transformers_paged", "generation_kwargs", "sampler"}
 # generation_kwargs that TRL's constructor cannot take (it fixes `disable_compile=True`); `fit_generation` sets them
 AFTER_BUILD = ("disable_compile", "compile_config")
 
@@ -241,6 +242,17 @@ def grpo_trainer_class():
     class FtlabGRPOTrainer(GRPOPhases, GRPOTrainer):
         "GRPOTrainer that stores each logging step's completions with the run and logs where each step's time goes."
         store = True
+        sampler = say = None    # ftlab's static-cache sampler where `fit_generation` chose it; the run's note function
+        def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
+            text_only = not multimodal_fields and not (images and any(i is not None for i in images))
+            if self.sampler is not None and text_only:
+                try:
+                    return self.sampler.completions(prompt_ids, self._tokenizer.pad_token_id, self.pad_to_multiple_of,
+                                                    self.accelerator.device), None
+                except SamplerUnavailable as e:      # recording failed for this model: TRL's path from now on
+                    self.sampler = None
+                    if self.say: self.say(f"completions are sampled with transformers' `generate` from now on: {e}")
+            return super()._generate_single_turn(prompt_ids, images, multimodal_fields, num_generations, has_tool_images)
         def log(self, logs, start_time=None):
             super().log(logs, start_time)
             if self.store and self.model.training and self.accelerator.is_main_process:
@@ -299,13 +311,16 @@ def fit_vllm_weight_sync(trainer):
         import functools
         gen.sync_weights = functools.partial(_vllm_layerwise_sync, gen)
 
-def fit_generation(trainer, cfg):
+def fit_generation(trainer, cfg, say=None):
     """What a built GRPO-family trainer needs from the config beyond TRL's constructor: the completions store, vLLM's
-    weight sync, and compiled generation (`generation_kwargs: {disable_compile: false}` or `compile_config`), which
-    TRL's constructor turns off."""
+    weight sync, ftlab's sampler (`trl.sampler`), and compiled generation (`generation_kwargs: {disable_compile: false}`
+    or `compile_config`), which TRL's constructor turns off."""
     t = cfg.trl
     trainer.store = t.log_completions is not False
     if t.use_vllm: fit_vllm_weight_sync(trainer)
+    trainer.sampler, note = choose_sampler(trainer, cfg)
+    trainer.say = say
+    if note and say: say(note)
     gk, gen = t.generation_kwargs or {}, getattr(trainer, "generation_config", None)
     if gen is None or not any(k in gk for k in AFTER_BUILD): return
     gen.disable_compile = bool(gk.get("disable_compile", False))
@@ -341,7 +356,7 @@ def build_grpo(cfg, method, model, tokenizer, prepared, callbacks=(), reward_fun
     trainer = make_trainer(grpo_trainer_class(), cfg, method, model, tokenizer, args, train, evalset, callbacks,
                            reward_funcs=guarded, **extra)
     match_reference_vocab(trainer)
-    fit_generation(trainer, cfg)
+    fit_generation(trainer, cfg, say)
     return trainer
 
 for _name, _desc in (("grpo", "group relative policy optimisation: sampled completions scored by reward functions"),
