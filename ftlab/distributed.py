@@ -145,7 +145,7 @@ def unused_parameters_error(e: BaseException, cfg, model, step: int):
     """DDP's error for trainable parameters the loss did not use, as a `ConfigError` on `ddp_find_unused_parameters`
     with the fix; None for any other error."""
     if UNUSED_PARAMETERS not in str(e): return None
-    from ftlab.config import Where
+    from ftlab.config.source import Where
     from ftlab.errors import ConfigError, Problem
     names = unused_parameter_names(str(e), model)
     shown = ", ".join(f"`{n}`" for n in names[:2]) + (", ..." if len(names) > 2 else "")
