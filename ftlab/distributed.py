@@ -4,7 +4,7 @@
 
 # %% ../nbs/33_distributed.ipynb #9fac3350
 from __future__ import annotations
-import json, os, signal, socket, subprocess, sys, tempfile, threading
+import json, os, re, signal, socket, subprocess, sys, tempfile, threading
 from pathlib import Path
 
 def world_size() -> int:
@@ -44,9 +44,10 @@ def gather(obj) -> list:
     return out
 
 # %% auto #0
-__all__ = ['STATUS_DIR_ENV', 'world_size', 'rank', 'launched', 'is_main', 'any_rank', 'gather', 'under_launcher', 'report_status',
-           'read_statuses', 'summary', 'launch_problem', 'strategy_of', 'save_whole', 'free_port', 'launch_command',
-           'Workers', 'launch', 'notebook_references']
+__all__ = ['STATUS_DIR_ENV', 'UNUSED_PARAMETERS', 'world_size', 'rank', 'launched', 'is_main', 'any_rank', 'gather',
+           'under_launcher', 'report_status', 'read_statuses', 'summary', 'launch_problem', 'strategy_of', 'save_whole',
+           'reducer_parameter_names', 'unused_parameter_names', 'unused_parameters_error', 'free_port',
+           'launch_command', 'Workers', 'launch', 'notebook_references']
 
 # %% ../nbs/33_distributed.ipynb #fa2b2444
 STATUS_DIR_ENV = "FTLAB_STATUS_DIR"
@@ -117,6 +118,47 @@ def save_whole(trainer):
     "Make the final save gather the whole model: FSDP checkpoints may be sharded, the trained model is one state dict."
     fsdp = getattr(trainer.accelerator.state, "fsdp_plugin", None)
     if fsdp is not None and "FULL_STATE_DICT" not in str(fsdp.state_dict_type): fsdp.set_state_dict_type("FULL_STATE_DICT")
+
+# %% ../nbs/33_distributed.ipynb #2e3220be
+UNUSED_PARAMETERS = "Expected to have finished reduction in the prior iteration"
+
+def reducer_parameter_names(model) -> list[str]:
+    "The trainable parameters' names in the order DDP's reducer numbers them (module by module, each parameter once)."
+    seen, names = set(), []
+    for module_name, module in model.named_modules():
+        for name, p in module.named_parameters(recurse=False):
+            if p.requires_grad and id(p) not in seen:
+                seen.add(id(p))
+                names.append(f"{module_name}.{name}" if module_name else name)
+    return names
+
+def unused_parameter_names(text: str, model) -> list[str]:
+    "The parameters DDP's error says received no gradient: by name (`TORCH_DISTRIBUTED_DEBUG=DETAIL`) or by index."
+    m = re.search(r"Parameters which did not receive grad for rank \d+: ([^\n]+)", text)
+    if m: return [n.strip() for n in m.group(1).split(",") if n.strip()]
+    m = re.search(r"Parameter indices which did not receive grad for rank \d+: ([\d ]+)", text)
+    if not m: return []
+    names = reducer_parameter_names(model)
+    return [names[int(i)] for i in m.group(1).split() if int(i) < len(names)]
+
+def unused_parameters_error(e: BaseException, cfg, model, step: int):
+    """DDP's error for trainable parameters the loss did not use, as a `ConfigError` on `ddp_find_unused_parameters`
+    with the fix; None for any other error."""
+    if UNUSED_PARAMETERS not in str(e): return None
+    from ftlab.config.source import Where
+    from ftlab.errors import ConfigError, Problem
+    names = unused_parameter_names(str(e), model)
+    shown = ", ".join(f"`{n}`" for n in names[:2]) + (", ..." if len(names) > 2 else "")
+    what = f"{len(names)} trainable parameter{'s' if len(names) != 1 else ''} ({shown})" if names else "trainable parameters"
+    unset = cfg.ddp_find_unused_parameters is None
+    said = "the default" if unset else "as the config says"
+    message = (f"DDP stopped at step {step}: {what} took no part in the loss, and with `ddp_find_unused_parameters: false` "
+               f"({said}) DDP waits for the gradient of every trainable parameter")
+    fix = ("set `ddp_find_unused_parameters: true` (DDP then looks for such parameters at every step), or train only "
+           "parameters the loss uses (`lora_target_modules`, `unfrozen_parameters`)")
+    key = "ddp_find_unused_parameters"     # where the config sets it, its line (or the --set that did)
+    where = cfg.where or Where()
+    return ConfigError(problems=[Problem(message, key=key, fix=fix, source=where.name) if unset else where.problem((key,), message, fix)])
 
 # %% ../nbs/33_distributed.ipynb #f73429aa
 def free_port() -> int:

@@ -12,7 +12,7 @@ from .events import MetricsLog, read_metrics, history, event_callback, stop_call
 from .inference import chat, score, save, merge
 from .quiet import quiet_libraries
 from .hub import check_hub
-from .distributed import is_main, launch_problem, launched, save_whole, strategy_of, world_size
+from .distributed import is_main, launch_problem, launched, save_whole, strategy_of, unused_parameters_error, world_size
 from .runfolder import (DiskFullError, RunLock, atomic_checkpoints, claim_folder, disk_full_error, find_checkpoint, is_disk_full,
                         last_step, run_status)
 
@@ -221,12 +221,9 @@ def _fit(self, cfg, method, prepared, extra, ckpt, stop, callbacks):
         raise
     except Exception as e:
         self.state = "failed"
-        _end(self, trainer.state.global_step, "failed", f"{type(e).__name__}: {e}")
-        if type(e).__name__ == "OutOfMemoryError":
-            raise RunError(f"out of memory at step {trainer.state.global_step}",
-                           fix="lower `micro_batch_size` or `sequence_len`, turn on `gradient_checkpointing` "
-                               "(for long sequences also `activation_offloading` and `tiled_mlp`), "
-                               "or use `adapter: qlora` with `load_in_4bit: true`") from None
+        known = _known_failure(e, cfg, trainer)
+        _end(self, trainer.state.global_step, "failed", str(known) if known is not None else f"{type(e).__name__}: {e}")
+        if known is not None: raise known from None
         raise
     finally:
         if long_ctx: long_ctx.release()   # page-locked host memory is not left behind a failed or stopped run
@@ -252,6 +249,16 @@ def _fit(self, cfg, method, prepared, extra, ckpt, stop, callbacks):
     self.state = "finished"
     _end(self, step, "finished")
     return self
+
+def _known_failure(e: BaseException, cfg, trainer) -> FtlabError | None:
+    "A library's error during training that the config or the machine can fix, as ftlab's one message; None for others."
+    step = trainer.state.global_step
+    if type(e).__name__ == "OutOfMemoryError":
+        return RunError(f"out of memory at step {step}",
+                        fix="lower `micro_batch_size` or `sequence_len`, turn on `gradient_checkpointing` "
+                            "(for long sequences also `activation_offloading` and `tiled_mlp`), "
+                            "or use `adapter: qlora` with `load_in_4bit: true`")
+    return unused_parameters_error(e, cfg, trainer.model, step + 1)   # DDP, at the step it was taking
 
 def _strategy_note(cfg, ran: str) -> str | None:
     "Why what runs is not what the config asked for (FSDP2 on a CPU is DDP), or None."

@@ -279,7 +279,7 @@ class ParallelKeys(Section):
     ddp_timeout: int | None = F(None, "seconds a collective waits for the other processes before failing (default 1800)", gt=0)
     ddp_bucket_cap_mb: int | None = F(None, "DDP: size in MB of the buckets gradients are reduced in", gt=0)
     ddp_broadcast_buffers: bool | None = F(None, "DDP: copy rank 0's buffers to the others before each forward")
-    ddp_find_unused_parameters: bool | None = F(None, "DDP: look for parameters the forward did not use (for models that skip layers)")
+    ddp_find_unused_parameters: bool | None = F(None, "DDP: look for trainable parameters the loss did not use, at every step (default false; true for a model that leaves some out)")
     num_processes: int | None = F(None, "worker processes `ftlab train` and `%%finetune` start when no flag says (default: one per visible GPU)", gt=0)
 
     @property

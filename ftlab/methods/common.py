@@ -103,6 +103,7 @@ def parallel_args(cfg, fsdp_here: bool) -> dict:
     kw = {k: getattr(cfg, k) for k in DDP_KEYS if getattr(cfg, k, None) is not None}
     if cfg.deepspeed: kw["deepspeed"] = read_deepspeed(cfg.deepspeed, cfg.base_dir).for_trainer()
     elif cfg.fsdp_asked and fsdp_here: kw.update(fsdp=True, fsdp_config=fsdp_training_config(cfg))
+    else: kw.setdefault("ddp_find_unused_parameters", False)   # DDP: no search for unused parameters unless asked
     return kw
 
 def trainer_checkpointing(cfg, fsdp_here: bool) -> bool:

@@ -112,7 +112,7 @@ def test_fsdp_offload_and_shard_grad_op_as_the_legacy_list():
 
 def test_fsdp_asked_on_a_machine_that_cannot_shard_passes_nothing_and_says_why():
     cfg = load_config(MINIMAL + "fsdp_version: 2\nfsdp_config:\n  offload_params: true\nddp_timeout: 900\n")
-    assert args(cfg, fsdp_here=False) == {"ddp_timeout": 900}
+    assert args(cfg, fsdp_here=False) == {"ddp_timeout": 900, "ddp_find_unused_parameters": False}   # DDP's own default
     s = strategy(cfg, 2, cuda=False, launched=True)
     assert s.name == "DDP" and "on a machine without one Accelerate trains with DDP (gloo): nothing is sharded" in s.note
 
@@ -122,6 +122,16 @@ def test_ddp_keys_map_by_name():
                                 "ddp_find_unused_parameters: true\n")
     assert args(cfg) == {"ddp_timeout": 600, "ddp_bucket_cap_mb": 50, "ddp_broadcast_buffers": False,
                          "ddp_find_unused_parameters": True}
+
+
+def test_ddp_does_not_search_for_unused_parameters_unless_asked():
+    "As in axolotl: off where DDP runs (transformers would turn it on for every PEFT model); nothing passed for FSDP or DeepSpeed."
+    assert args(load_config(MINIMAL)) == {"ddp_find_unused_parameters": False}
+    assert args(load_config(MINIMAL + "ddp_find_unused_parameters: false\n")) == {"ddp_find_unused_parameters": False}
+    fsdp = load_config(MINIMAL + "fsdp_version: 2\nfsdp_config:\n  offload_params: true\n")
+    assert "ddp_find_unused_parameters" not in args(fsdp, fsdp_here=True)
+    from ftlab.config import Config
+    assert "ddp_find_unused_parameters" not in args(Config(base_model="ftlab:tiny", deepspeed="zero3"), fsdp_here=False)
 
 
 # --- what does not run: one message each ---------------------------------------------------------------------------
