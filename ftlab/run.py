@@ -171,7 +171,7 @@ def _fit(self, cfg, method, prepared, extra, ckpt, stop, callbacks):
     "Load the model, build the method's trainer and train it; the endings become events."
     import transformers
     from ftlab.model import (load_model, load_adapter, apply_kernels, attention_note, device_info, freeze_parameters,
-                             long_context_callback)
+                             fused_lora_callback, long_context_callback)
     from ftlab.health import HealthMonitor
     from ftlab.methods.kernel_choice import choose_kernels, liger_account
     from ftlab.stream import StreamFollower
@@ -197,7 +197,8 @@ def _fit(self, cfg, method, prepared, extra, ckpt, stop, callbacks):
                  resumed):
         if note: self.emit({"event": "note", "step": 0, "message": note})
     long_ctx = long_context_callback(cfg, self.emit) if cfg.offload_activations or cfg.tiled_mlp else None
-    if long_ctx: trainer.add_callback(long_ctx)
+    for cb in (long_ctx, fused_lora_callback(built)):
+        if cb: trainer.add_callback(cb)
     # ftlab's observers report progress; the trainer's own printing would say it twice.
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
     for cb in (PrinterCallback, ProgressCallback): trainer.remove_callback(cb)

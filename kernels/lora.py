@@ -23,7 +23,12 @@ called with the same input tensor (and compute alone otherwise).
 fused function, and falls back to PEFT's own forward whenever the layer is disabled, merged or called with
 anything else PEFT handles (mixed adapter batches, extra arguments).
 
-Pure PyTorch (no Triton), so it imports and runs on any machine.
+In a SwiGLU MLP whose three projections are all patched, `LoRASwiGLUDownFunction` also takes the SwiGLU into the
+down projection's node, so that the MLP's widest activation (`silu(gate) * up`) is not kept for the backward: it
+is computed again there from the gate and up outputs, which the SwiGLU's backward keeps anyway.
+
+PyTorch matmuls throughout; the SwiGLU uses Liger's Triton kernels on a GPU and PyTorch elsewhere, so this imports
+and runs on any machine.
 """
 from __future__ import annotations
 
@@ -33,7 +38,7 @@ import types
 import torch
 
 __all__ = ["LoRALinearFunction", "LoRAGroupFunction", "lora_linear", "lora_group", "lora_reference", "GROUPS",
-           "SHARED_INPUT", "lora_eligibility",
+           "SHARED_INPUT", "SWIGLU_MLPS", "LoRASwiGLUDownFunction", "lora_eligibility",
            "apply_fused_lora", "remove_fused_lora", "fused_lora_summary"]
 
 log = logging.getLogger(__name__)
@@ -69,23 +74,10 @@ class LoRALinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, W, quant_state, bias, A, B, s):
-        dtype = x.dtype
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        Wd = _dequantize(W, quant_state, dtype)
-        Ac, Bc = A.to(dtype), B.to(dtype)
-        xa = x2 @ Ac.t()                                            # (N, r)
-        if bias is not None:
-            out = torch.addmm(bias.to(dtype), x2, Wd.t())
-        else:
-            out = x2 @ Wd.t()
-        del Wd
-        out.addmm_(xa, Bc.t(), alpha=s)                             # + s * (x A^T) B^T, no separate add
-        ctx.s = s
-        ctx.quant_state = quant_state
-        ctx.has_bias = bias is not None
-        ctx.bias_dtype = None if bias is None else bias.dtype
-        ctx.ab_dtypes = (A.dtype, B.dtype)
+        out, xa, Ac, Bc = _project(x2, W, quant_state, bias, A, B, s)
+        _keep(ctx, W, quant_state, bias, A, B, s)
         ctx.x_shape = shape
         ctx.save_for_backward(x2, xa, W, Ac, Bc)                   # A, B in the compute dtype: no casts again later
         return out.view(*shape[:-1], out.shape[-1])
@@ -93,26 +85,96 @@ class LoRALinearFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dY):
         x2, xa, W, Ac, Bc = ctx.saved_tensors
-        s = ctx.s
-        dtype = x2.dtype
         need_x, _, _, need_bias, need_A, need_B, _ = ctx.needs_input_grad
-        dY2 = dY.reshape(-1, dY.shape[-1])
-        if dY2.dtype != dtype: dY2 = dY2.to(dtype)
-        dX = dA = dB = dbias = None
-        dYB = dY2 @ Bc if (need_x or need_A) else None             # (N, r), shared by dX and dA
-        if need_x:
-            Wd = _dequantize(W, ctx.quant_state, dtype)
-            dX = dY2 @ Wd
-            del Wd
-            dX.addmm_(dYB, Ac, alpha=s)
-            dX = dX.view(ctx.x_shape)
-        if need_A:
-            dA = _scaled_mm(dYB.t(), x2, s).to(ctx.ab_dtypes[0])     # (r, in)
-        if need_B:
-            dB = _scaled_mm(dY2.t(), xa, s).to(ctx.ab_dtypes[1])     # (out, r)
-        if need_bias and ctx.has_bias:
-            dbias = dY2.sum(0).to(ctx.bias_dtype)
-        return dX, None, None, dbias, dA, dB, None
+        dX, dA, dB, dbias = _project_backward(ctx, dY, x2, xa, W, Ac, Bc, need_x, need_bias, need_A, need_B)
+        return None if dX is None else dX.view(ctx.x_shape), None, None, dbias, dA, dB, None
+
+
+def _project(x2, W, quant_state, bias, A, B, s):
+    "`x2 @ W^T + bias + s * (x2 @ A^T) @ B^T` in `x2.dtype`, with `x2 @ A^T` and A, B in that dtype (for the backward)."
+    dtype = x2.dtype
+    Wd = _dequantize(W, quant_state, dtype)
+    Ac, Bc = A.to(dtype), B.to(dtype)
+    xa = x2 @ Ac.t()                                                # (N, r)
+    out = torch.addmm(bias.to(dtype), x2, Wd.t()) if bias is not None else x2 @ Wd.t()
+    del Wd
+    out.addmm_(xa, Bc.t(), alpha=s)                                 # + s * (x A^T) B^T, no separate add
+    return out, xa, Ac, Bc
+
+
+def _keep(ctx, W, quant_state, bias, A, B, s):
+    "What a projection's backward needs besides its saved tensors."
+    ctx.s, ctx.quant_state = s, quant_state
+    ctx.has_bias, ctx.bias_dtype = bias is not None, None if bias is None else bias.dtype
+    ctx.ab_dtypes = (A.dtype, B.dtype)
+
+
+def _project_backward(ctx, dY, x2, xa, W, Ac, Bc, need_x, need_bias, need_A, need_B):
+    "The gradients (dX as (N, in), dA, dB, dbias) of `_project` for the output gradient `dY`."
+    s, dtype = ctx.s, x2.dtype
+    dY2 = dY.reshape(-1, dY.shape[-1])
+    if dY2.dtype != dtype: dY2 = dY2.to(dtype)
+    dX = dA = dB = dbias = None
+    dYB = dY2 @ Bc if (need_x or need_A) else None                 # (N, r), shared by dX and dA
+    if need_x:
+        Wd = _dequantize(W, ctx.quant_state, dtype)
+        dX = dY2 @ Wd
+        del Wd
+        dX.addmm_(dYB, Ac, alpha=s)
+    if need_A: dA = _scaled_mm(dYB.t(), x2, s).to(ctx.ab_dtypes[0])     # (r, in)
+    if need_B: dB = _scaled_mm(dY2.t(), xa, s).to(ctx.ab_dtypes[1])     # (out, r)
+    if need_bias and ctx.has_bias: dbias = dY2.sum(0).to(ctx.bias_dtype)
+    return dX, dA, dB, dbias
+
+
+def _silu_mul(g, u):
+    "`silu(g) * u`: Liger's kernel on a GPU, PyTorch elsewhere."
+    if g.is_cuda:
+        from liger_kernel.ops.swiglu import swiglu_forward
+        return swiglu_forward(g, u)[2]
+    return torch.nn.functional.silu(g) * u
+
+
+def _silu_mul_backward(g, u, dh):
+    "(dg, du) of `silu(g) * u` for `dh`: Liger's kernel on a GPU (it writes them into `g` and `u`), PyTorch elsewhere."
+    if g.is_cuda:
+        from liger_kernel.ops.swiglu import swiglu_backward
+        return swiglu_backward(g, u, dh)
+    sg = torch.sigmoid(g.float())
+    du = (g.float() * sg * dh.float()).to(u.dtype)
+    dg = (dh.float() * u.float() * sg * (1 + g.float() * (1 - sg))).to(g.dtype)
+    return dg, du
+
+
+class LoRASwiGLUDownFunction(torch.autograd.Function):
+    """The down projection of a SwiGLU MLP with its input: `y = h @ W^T + bias + s * (h @ A^T) @ B^T`, `h = silu(g) * u`.
+
+    Saves `g` and `u` (the gate and up outputs, which the SwiGLU's backward needs anyway) and not `h`: the backward
+    computes `h` again from them (one elementwise pass) for dA, then dh, then dg and du. Against a separate SwiGLU and
+    projection, that keeps one activation of the MLP's width less per layer for the backward."""
+
+    @staticmethod
+    def forward(ctx, g, u, W, quant_state, bias, A, B, s):
+        shape = g.shape
+        g2, u2 = g.reshape(-1, shape[-1]), u.reshape(-1, shape[-1])
+        out, xa, Ac, Bc = _project(_silu_mul(g2, u2), W, quant_state, bias, A, B, s)
+        _keep(ctx, W, quant_state, bias, A, B, s)
+        ctx.x_shape = shape
+        ctx.save_for_backward(g2, u2, xa, W, Ac, Bc)
+        return out.view(*shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def backward(ctx, dY):
+        g2, u2, xa, W, Ac, Bc = ctx.saved_tensors
+        need_g, need_u, _, _, need_bias, need_A, need_B, _ = ctx.needs_input_grad
+        h = _silu_mul(g2, u2)
+        dh, dA, dB, dbias = _project_backward(ctx, dY, h, xa, W, Ac, Bc, need_g or need_u, need_bias, need_A, need_B)
+        del h
+        dg = du = None
+        if dh is not None:
+            dg, du = _silu_mul_backward(g2, u2, dh)
+            dg, du = dg.view(ctx.x_shape), du.view(ctx.x_shape)
+        return dg, du, None, None, dbias, dA, dB, None
 
 
 def lora_linear(x, W, bias, A, B, s, quant_state=None):
@@ -362,6 +424,52 @@ def _fused_forward(self, x, *args, **kwargs):
     return lora_linear(x, base.weight, base.bias, A, B, s)
 
 
+# MLP classes whose forward is `down_proj(silu(gate_proj(x)) * up_proj(x))` (transformers', and Liger's own)
+SWIGLU_MLPS = ("LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP", "LigerSwiGLUMLP")
+
+
+def _swiglu_mlp_forward(self, x, *args, **kwargs):
+    "Forward of a patched SwiGLU MLP: gate/up as one fused group, then the SwiGLU and the fused down projection as one node."
+    gate, up, down = self.gate_proj, self.up_proj, self.down_proj
+    still = all("_ftlab_peft_forward" in m.__dict__ for m in (gate, up, down))   # not after a merge_and_unload
+    if args or kwargs or not still or not all(_fusable_now(m, x) for m in (gate, up)):
+        return self._ftlab_mlp_forward(x, *args, **kwargs)
+    g, u = gate(x), up(x)
+    if not _fusable_now(down, g) or down._ftlab_4bit and _quant_state(down.get_base_layer()) is None:
+        return down(torch.nn.functional.silu(g) * u)
+    a, base = down._ftlab_adapter, down.get_base_layer()
+    qs = _quant_state(base) if down._ftlab_4bit else None
+    cdt = _compute_dtype(down, g)
+    with torch.autocast(x.device.type, enabled=False):
+        y = LoRASwiGLUDownFunction.apply(g.to(cdt), u.to(cdt), base.weight, qs, base.bias, down.lora_A[a].weight,
+                                         down.lora_B[a].weight, float(down.scaling[a]))
+    return y.to(g.dtype) if down._ftlab_4bit else y
+
+
+def _swiglu_mlps(model, patched_names) -> list[str]:
+    """Give each SwiGLU MLP whose gate, up and down projections are all patched (gate and up as one group) the
+    forward that computes the SwiGLU inside the down projection's node; returns their names."""
+    mods = dict(model.named_modules())
+    out = []
+    for parent in dict.fromkeys(name.rpartition(".")[0] for name in patched_names if name.endswith("down_proj")):
+        mlp = mods.get(parent)
+        if mlp is None or type(mlp).__name__ not in SWIGLU_MLPS: continue
+        if "_ftlab_mlp_forward" in mlp.__dict__:
+            if getattr(mlp.__dict__.get("forward"), "__func__", None) is _swiglu_mlp_forward: out.append(parent); continue
+            # bound again since (transformers applies Liger's kernels inside `train()`): that forward is the fallback now
+            mlp.__dict__.pop("_ftlab_mlp_forward"); mlp.__dict__.pop("_ftlab_own_forward", None)
+        if getattr(getattr(mlp, "config", None), "hidden_act", "silu") not in ("silu", "swish"): continue
+        parts = [getattr(mlp, n, None) for n in ("gate_proj", "up_proj", "down_proj")]
+        if not all(m is not None and "_ftlab_peft_forward" in m.__dict__ for m in parts): continue
+        if parts[0].__dict__.get("_ftlab_group") is None or parts[0]._ftlab_group is not parts[1].__dict__.get("_ftlab_group"):
+            continue
+        mlp._ftlab_mlp_forward = mlp.forward
+        mlp._ftlab_own_forward = "forward" in mlp.__dict__          # Liger binds its forward on the instance
+        mlp.forward = types.MethodType(_swiglu_mlp_forward, mlp)
+        out.append(parent)
+    return out
+
+
 def _group_siblings(model, patched_names) -> int:
     "Tie patched sibling layers that read the same input into groups; returns how many groups."
     mods = dict(model.named_modules())
@@ -408,7 +516,8 @@ def apply_fused_lora(model, which=("qkv", "o", "mlp"), share_input: bool = True)
     mods = dict(model.named_modules())
     for name in patched: mods[name].__dict__.pop("_ftlab_group", None)    # regrouped below, from scratch
     n_groups = _group_siblings(model, patched) if share_input else 0
-    summary = dict(patched=patched, skipped=skipped, shared_input_groups=n_groups)
+    mlps = _swiglu_mlps(model, patched) if share_input else []
+    summary = dict(patched=patched, skipped=skipped, shared_input_groups=n_groups, swiglu_mlps=mlps)
     try: object.__setattr__(model, "_ftlab_fused_lora", summary)
     except Exception: pass
     log.info("fused LoRA: %d layers patched (%d groups sharing an input), %d left alone%s", len(patched), n_groups,
@@ -418,14 +527,18 @@ def apply_fused_lora(model, which=("qkv", "o", "mlp"), share_input: bool = True)
 
 
 def fused_lora_summary(model) -> dict:
-    "`{'patched': [names], 'skipped': {name: reason}, 'shared_input_groups': n}` from the last `apply_fused_lora`."
-    return getattr(model, "_ftlab_fused_lora", dict(patched=[], skipped={}, shared_input_groups=0))
+    """`{'patched': [names], 'skipped': {name: reason}, 'shared_input_groups': n, 'swiglu_mlps': [names]}` from the last
+    `apply_fused_lora`."""
+    return getattr(model, "_ftlab_fused_lora", dict(patched=[], skipped={}, shared_input_groups=0, swiglu_mlps=[]))
 
 
 def remove_fused_lora(model) -> int:
     "Give every patched layer PEFT's own forward back; returns how many were restored."
     n = 0
     for mod in model.modules():
+        if "_ftlab_mlp_forward" in mod.__dict__:
+            if mod.__dict__.pop("_ftlab_own_forward"): mod.forward = mod.__dict__.pop("_ftlab_mlp_forward")
+            else: del mod.forward; mod.__dict__.pop("_ftlab_mlp_forward")
         if "_ftlab_peft_forward" in mod.__dict__:
             del mod.forward
             for k in ("_ftlab_peft_forward", "_ftlab_adapter", "_ftlab_4bit", "_ftlab_group"): mod.__dict__.pop(k, None)

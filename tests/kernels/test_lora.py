@@ -270,7 +270,7 @@ def _fused_nodes(t, groups=False):
         if f is None or f in seen: continue
         seen.add(f)
         name = type(f).__name__
-        n += name == "LoRALinearFunctionBackward"
+        n += name in ("LoRALinearFunctionBackward", "LoRASwiGLUDownFunctionBackward")
         if name == "LoRAGroupFunctionBackward":
             n += f.k                                    # the node is the Function's ctx: its member count
             g_n += 1
@@ -654,3 +654,62 @@ def test_fused_projections_compile_without_graph_breaks(pair):
                                        atol=1e-5, rtol=1e-5)
     assert not counters["graph_break"], dict(counters["graph_break"])
     torch._dynamo.reset()
+
+
+def _saved_bytes(model, batch) -> int:
+    "Bytes of distinct storage autograd keeps for the backward of one forward of `model` on `batch`."
+    seen = {}
+    def pack(t):
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(**batch).loss
+    return sum(seen.values())
+
+
+def test_the_swiglu_runs_inside_the_down_projection_and_keeps_one_activation_less(pair):
+    """Each SwiGLU MLP whose three projections are fused computes `silu(gate) * up` inside the down projection's node:
+    the same outputs and gradients as PEFT's (the test above), and fewer (tokens x intermediate) activations kept for
+    the backward than with the SwiGLU and the projection apart. Apart, with PyTorch's SwiGLU (as on a CPU), autograd
+    keeps gate, silu(gate), up and the product; inside the node only gate and up: two fewer per layer. (With Liger's
+    SwiGLU on a GPU, which keeps only gate and up itself, it is one fewer: the product.)"""
+    ref, fused, _ = pair
+    cfg = fused.config
+    assert fused_lora_summary(fused)["swiglu_mlps"] == [f"base_model.model.model.layers.{i}.mlp" for i in range(cfg.num_hidden_layers)]
+    apart = copy.deepcopy(ref)
+    apply_fused_lora(apart)
+    from ftlab.kernels.lora import remove_fused_lora
+    for name in fused_lora_summary(apart)["swiglu_mlps"]:       # the MLPs back to their own forward, projections still fused
+        mlp = apart.get_submodule(name)
+        del mlp.forward; mlp.__dict__.pop("_ftlab_mlp_forward"); mlp.__dict__.pop("_ftlab_own_forward")
+    batch = _batch()
+    tokens = batch["input_ids"].numel()
+    itemsize = next(fused.parameters()).element_size()
+    saved = _saved_bytes(apart, batch) - _saved_bytes(fused, batch)
+    assert saved == 2 * cfg.num_hidden_layers * tokens * cfg.intermediate_size * itemsize, saved
+    restored = copy.deepcopy(fused)
+    assert remove_fused_lora(restored) == N_LINEAR and all("forward" not in m.__dict__ for m in restored.modules())
+
+
+def test_the_fused_mlp_comes_back_after_liger_binds_its_own(pair):
+    """transformers applies Liger's kernels inside `train()`, binding Liger's MLP forward over ftlab's; the callback ftlab
+    adds when both are on gives the MLPs the fused forward again at the start of training, Liger's as its fallback."""
+    from types import SimpleNamespace
+    from liger_kernel.transformers.monkey_patch import _patch_swiglu_module
+    from liger_kernel.transformers.swiglu import LigerSwiGLUMLP
+    from ftlab.model import fused_lora_callback
+    _, fused, _ = pair
+    m = copy.deepcopy(fused)
+    names = fused_lora_summary(m)["swiglu_mlps"]
+    for name in names: _patch_swiglu_module(m.get_submodule(name), LigerSwiGLUMLP)   # what train() does
+    liger = m.get_submodule(names[0]).forward
+    assert liger.__func__ is LigerSwiGLUMLP.forward
+    cfg = SimpleNamespace(adapter="lora", use_liger_kernel=True, lora_qkv_kernel=True, lora_o_kernel=True, lora_mlp_kernel=True)
+    assert fused_lora_callback(SimpleNamespace(**{**vars(cfg), "use_liger_kernel": False})) is None
+    fused_lora_callback(cfg).on_train_begin(None, None, None, model=m)
+    mlp = m.get_submodule(names[0])
+    assert mlp.forward.__func__.__name__ == "_swiglu_mlp_forward" and mlp._ftlab_mlp_forward.__func__ is LigerSwiGLUMLP.forward
+    assert fused_lora_summary(m)["swiglu_mlps"] == names
+    batch = _batch(3)
+    m.train(); fused.train()
+    torch.testing.assert_close(m(**batch).logits, fused(**batch).logits)

@@ -128,7 +128,7 @@ def test_fused_lora_kernels_train_like_peft(make_cfg):
                                         "lora_o_kernel": True, "lora_mlp_kernel": True}))
     fused.train()
     notes = [r["message"] for r in fused.records if r["event"] == "note"]
-    assert notes == ["fused LoRA kernels on 28 projections (qkv, o, mlp)"]
+    assert notes == ["fused LoRA kernels on 28 projections (qkv, o, mlp; the SwiGLU inside the down projection in 4 MLPs)"]
     a, b = [r["loss"] for r in logs(plain)], [r["loss"] for r in logs(fused)]
     from ftlab.model import training_dtype
     # float32 (a CPU): equal to 1e-4; bfloat16 on a GPU rounds differently in a fused matmul: 0.1% of the loss
