@@ -165,6 +165,7 @@ class FtlabMagics(Magics):
         dash = Dashboard.for_run(run, history=args.resume)
         run.resume_command += f" --num-processes {n}"
         workers = Workers(argv, n, args.gpu_ids, cpu=not device_info()["cuda"])
+        followed = False
         try:
             while True:
                 try:
@@ -174,10 +175,13 @@ class FtlabMagics(Magics):
                 except KeyboardInterrupt:   # the notebook's stop: every rank saves one checkpoint at the same step
                     workers.interrupt()
             for r in tail.read(): dash(r)
+            followed = True
         finally:
             dash.close()
+            if not followed:    # the cell failed while they ran: they stop as on the stop button, with a checkpoint
+                workers.interrupt(); workers.finish()
+            shutil.rmtree(config.parent, ignore_errors=True)     # the cell's config as the workers read it
         _, lines = workers.finish()
-        shutil.rmtree(config.parent, ignore_errors=True)     # the cell's config as the workers read it
         done = Run.load(run.output_dir, namespace=self.shell.user_ns) if (run.output_dir / "config.yaml").exists() else run
         done.resume_command = run.resume_command
         self.runs[name] = done

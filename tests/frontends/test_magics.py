@@ -185,6 +185,25 @@ def test_num_processes_trains_in_workers_and_the_stop_saves_one_checkpoint(shell
     assert (out / "adapter_model.safetensors").exists()
 
 
+def test_a_cell_that_fails_while_workers_train_ends_them_with_a_checkpoint(shell, tmp_path, monkeypatch):
+    """Something in the cell itself failing while the workers train (here the dashboard, on the first log record):
+    the error reaches the cell, and the workers do not go on alone: they stop as on the stop button, each rank's
+    state in one checkpoint, and no worker process is left."""
+    import psutil
+    import ftlab.dashboard as dash
+    from ftlab.runfolder import checkpoints
+    def broken(self, record):
+        if record.get("event") == "log": raise RuntimeError("the chart broke")
+    monkeypatch.setattr(dash.Dashboard, "__call__", broken)
+    body = yaml(tmp_path, "save_steps: 100\nmicro_batch_size: 2\n").replace("micro_batch_size: 4\n", "")
+    with pytest.raises(RuntimeError, match="the chart broke"):
+        cell(shell, "--num-processes 2 --max-steps 40", body)
+    assert not [p for p in psutil.Process().children(recursive=True) if "ftlab" in " ".join(p.cmdline())]
+    good, _ = checkpoints(tmp_path / "out")
+    assert len(good) == 1 and int(good[0].name.split("-")[1]) < 40
+    assert sorted(p.name for p in good[0].glob("rng_state_*.pth")) == ["rng_state_0.pth", "rng_state_1.pth"]
+
+
 def test_worker_processes_from_a_real_kernel(tmp_path):
     """The same through a Jupyter kernel (nbclient), the processes asked by the config's `num_processes` this time: the
     cell's output holds the live chart's bundle, the run has two ranks and binds to its name."""

@@ -94,3 +94,31 @@ def test_qlora_under_fsdp2_on_one_gpu_saves_sharded_checkpoints_and_resumes(tmp_
     r = run("--max-steps", "4", "--resume")
     assert r.returncode == 0, r.stdout + r.stderr
     assert [x["step"] for x in read_metrics(tmp_path / "out") if x["event"] == "log"][-2:] == [3, 4]
+
+
+@pytest.mark.gpu
+def test_full_fine_tuning_under_fsdp2_on_one_gpu_saves_sharded_state_and_a_whole_model(tmp_path):
+    """Full fine-tuning (no adapter) under FSDP2 with one worker: the checkpoint holds the sharded model and optimizer
+    state, a resume continues from it, and the final model is saved whole, loadable with `from_pretrained`."""
+    import re
+    from transformers import AutoModelForCausalLM
+    from ftlab.events import read_metrics
+    from ftlab.runfolder import checkpoints
+    cfg = tmp_path / "full.yaml"
+    text = re.sub(r"adapter: lora\nlora_r: 8\nlora_alpha: 16\nlora_target_linear: true\n", "", RUN_CONFIG.format(out=tmp_path / "out"))
+    assert "lora" not in text
+    cfg.write_text(text.replace("save_steps: 1000", "save_steps: 2").replace("learning_rate: 0.002", "learning_rate: 0.0001")
+                   + "fsdp_version: 2\nfsdp_config:\n  state_dict_type: SHARDED_STATE_DICT\n")
+    run = lambda *a: subprocess.run([sys.executable, "-m", "ftlab", "train", str(cfg), *a], capture_output=True, text=True, timeout=300, env=checkout_env())
+    r = run("--max-steps", "2")
+    assert r.returncode == 0, r.stdout + r.stderr
+    (start,) = [x for x in read_metrics(tmp_path / "out") if x["event"] == "start"]
+    assert start["strategy"] == "FSDP2" and start["world_size"] == 1
+    good, _ = checkpoints(tmp_path / "out")
+    assert [p.name for p in good] == ["checkpoint-2"]
+    assert (good[0] / "pytorch_model_fsdp_0" / ".metadata").is_file() and (good[0] / "optimizer_0" / ".metadata").is_file()
+    r = run("--max-steps", "3", "--resume")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert [x["step"] for x in read_metrics(tmp_path / "out") if x["event"] == "log"][-1:] == [3]
+    model = AutoModelForCausalLM.from_pretrained(str(tmp_path / "out"))
+    assert sum(p.numel() for p in model.parameters()) > 0
