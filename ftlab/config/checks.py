@@ -9,187 +9,18 @@ import importlib.util
 import re
 
 from .keys import (AXOLOTL_ADAPTERS, AXOLOTL_DATASET_TYPES, AXOLOTL_OPTIMIZERS, AXOLOTL_PAIR_FORMATS,
-                               AXOLOTL_SCHEDULERS, COVERED_PLUGINS, DATASET_TYPES, NEUTRAL_VALUES, RL_METHODS,
-                               TRL_MISSING_KEYS, WIRED_TRACKERS)
-from .known import MOE, MULTI_GPU, MULTIMODAL, PLUGINS, plugin_folder
-from .parallel import DeepSpeedError, deepspeed_installed, fsdp_version, read_deepspeed
+                               AXOLOTL_SCHEDULERS, COVERED_PLUGINS, DATASET_TYPES, NEUTRAL_VALUES, TRL_MISSING_KEYS,
+                               WIRED_TRACKERS)
+from .known import MULTIMODAL, PLUGINS, plugin_folder
 from .schema import MULTIMODAL_CLASSES, NOT_TRANSFORMERS_CLASSES, Config
-from .sections import TYPE_KEYS
-from .source import Where
-from .values import fmt, key_text, name_list
-from ..strategies import KIND_NAMES, STRATEGY_KINDS
-from ..chat_templates import resolve_chat_template
-from ..errors import FtlabError
+from .values import fmt
+from .found import Found, is_set, method_words, methods_words, registry
+from .data_checks import check_data, check_stream
+from .parallel_checks import check_parallel
 
 # %% auto #0
-__all__ = ['CHECKS', 'registry', 'Found', 'method_words', 'check_data', 'check_stream', 'check_method', 'check_generation',
-           'check_ebft', 'check_adapter', 'check_precision', 'check_schedule', 'check_kernels', 'check_trackers',
-           'check_parallel', 'cross_check', 'check_runnable']
-
-# %% ../../nbs/config/06_checks.ipynb #00c47bea
-def registry() -> dict:
-    "The method registry, name -> entry (`ftlab.methods.METHODS`; importing it registers the built-in methods)."
-    from ftlab.methods import METHODS
-    return METHODS
-
-def _covered(path, broken) -> bool:
-    path = tuple(path)
-    return any(path[:len(b)] == b for b in broken if b)
-
-class Found:
-    """What the checks find, in config terms: `errors` as (path, message, fix, involved) and `notes` as
-    (path, text, involved), where `involved` are the key paths a finding depends on, its own first."""
-    def __init__(self, where: Where | None = None, *, require_datasets: bool = True):
-        self.where, self.require_datasets, self.errors, self.notes = where, require_datasets, [], []
-
-    def at(self, *path) -> str:
-        "`key (line N)`: points at the other key of a conflict."
-        w = self.where
-        line = w.line(path) if w is not None and w.origin(path) is None and path in w.lines else None
-        return f"{key_text(path)} (line {line})" if line else key_text(path)
-
-    def error(self, path, message: str, fix: str, *involved):
-        "A problem at `path` that depends on the keys `involved` too."
-        path = tuple(path)
-        self.errors.append((path, message, fix, (path,) + tuple(tuple(p) for p in involved)))
-
-    def note(self, path, text: str, *involved):
-        "A note at `path` that depends on the keys `involved` too."
-        path = tuple(path)
-        self.notes.append((path, text, (path,) + tuple(tuple(p) for p in involved)))
-
-    def kept(self, broken=()) -> tuple[list, list]:
-        "(problems, notes as (path, text)) of the findings that involve no broken path."
-        where = self.where or Where()
-        problems = [where.problem(p, msg, fix) for p, msg, fix, inv in self.errors if not any(_covered(x, broken) for x in inv)]
-        notes = [(p, text) for p, text, inv in self.notes if not any(_covered(x, broken) for x in inv)]
-        return problems, notes
-
-def _set(model, name) -> bool:
-    return name in model.model_fields_set
-
-def method_words(m: str) -> str:
-    "How a message names method `m`: `rl: dpo`, `reward_model: true`, supervised fine-tuning."
-    return f"`rl: {m}`" if m in RL_METHODS else ("supervised fine-tuning" if m == "sft" else f"`{m}: true`")
-
-def _methods_words(names) -> str:
-    rl = [n for n in names if n in RL_METHODS]
-    return " or ".join(([f"`rl: {' / '.join(rl)}`"] if rl else []) + [method_words(n) for n in names if n not in RL_METHODS])
-
-# %% ../../nbs/config/06_checks.ipynb #44f8177d
-def _accepted_types(kind: str) -> set[str]:
-    "Dataset type names a method reading `kind` examples accepts (KTO also takes pairs, split in two)."
-    names = set(STRATEGY_KINDS.get(kind, {}))
-    if kind == "documents": return names | set(STRATEGY_KINDS.get("sft", {}))   # EBFT strided reads SFT's rows
-    return names | set(STRATEGY_KINDS.get("pairs", {})) if kind == "unpaired" else names
-
-def _format_problem(t, m: str, kind: str | None) -> tuple[str, str] | None:
-    "(message, fix) when dataset `type: t` cannot feed method `m`, which trains on `kind` examples."
-    if kind not in STRATEGY_KINDS: return None   # a method this version does not run: reported by the support check
-    ok = _accepted_types(kind)
-    if isinstance(t, dict):
-        if kind in ("pairs", "unpaired"): return None
-        return (f"a field mapping as `type` is a format for preference data; {method_words(m)} trains on {KIND_NAMES[kind]}",
-                f"use `type:` one of {name_list(sorted(ok))}")
-    if not isinstance(t, str) or t not in DATASET_TYPES or t in ok: return None
-    return (f"`type: {t}` is not a format {method_words(m)} can read: it trains on {KIND_NAMES[kind]}",
-            f"use `type:` one of {name_list(sorted(ok))}, or an import path / `@function` returning rows of that shape")
-
-def _type_keys_name(t: str, kind: str | None) -> str:
-    "The `TYPE_KEYS` entry for `type: t` (`chat_template` means the pair format for preference data)."
-    return "chat_template.default" if t == "chat_template" and kind in ("pairs", "unpaired") else t
-
-def check_data(cfg: Config, found: Found):
-    "Datasets: required, one source of evaluation data, the chat template, and each entry against its format and the method."
-    m = cfg.method
-    entry = registry().get(m)
-    kind = entry.data_kind(cfg) if entry is not None else None
-    if found.require_datasets and not cfg.datasets and not cfg.pretraining_dataset:
-        found.error(("datasets",), "`datasets` is required: every method trains on at least one dataset",
-                    "add e.g.\n    datasets:\n      - path: ftlab:data/chat.jsonl\n        type: chat_template\n"
-                    "  (or `pretraining_dataset:` to stream raw text)")
-    if cfg.test_datasets and (cfg.val_set_size or 0) > 0:
-        found.error(("val_set_size",), f"val_set_size and {found.at('test_datasets')} both choose the evaluation data",
-                    "remove `val_set_size` (evaluation uses test_datasets) or remove `test_datasets`", ("test_datasets",))
-    if cfg.chat_template == "jinja" and not cfg.chat_template_jinja:
-        found.error(("chat_template",), "`chat_template: jinja` needs the template text in `chat_template_jinja`",
-                    "add `chat_template_jinja: |` followed by the template, or name a template such as `chat_template: chatml`")
-    if cfg.chat_template_jinja and cfg.chat_template not in (None, "jinja"):
-        found.error(("chat_template_jinja",), f"chat_template_jinja is given but `chat_template: {cfg.chat_template}` names another template",
-                    "set `chat_template: jinja` to use the Jinja text, or remove `chat_template_jinja`", ("chat_template",))
-    for group in ("datasets", "test_datasets"):
-        for i, ds in enumerate(getattr(cfg, group) or []):
-            dp = (group, i)
-            if ds.path == "?": continue
-            if ds.type is None:
-                found.note(dp, f"`{key_text(dp)}` has no `type`: the format is picked from the columns (messages → chat_template, instruction/output → alpaca, text → completion); write `type:` to be explicit")
-            elif (problem := _format_problem(ds.type, m, kind)) is not None:
-                found.error(dp + ("type",), *problem, ("rl",) if cfg.rl else (m,))
-            elif isinstance(ds.type, str) and (tk := _type_keys_name(ds.type, kind)) in TYPE_KEYS:
-                other = [k for k in ds.model_fields_set if any(k in keys for keys in TYPE_KEYS.values()) and k not in TYPE_KEYS[tk]]
-                for k in sorted(other):
-                    found.note(dp + (k,), f"`{key_text(dp + (k,))}` is not read by `type: {ds.type}`; ignored")
-            if ds.chat_template or ds.chat_template_jinja:   # a dataset's own template: its name or file
-                try: resolve_chat_template(ds.chat_template, ds.chat_template_jinja)
-                except FtlabError as e:
-                    k = "chat_template_jinja" if (e.problems[0].key or "").endswith("jinja") else "chat_template"
-                    found.error(dp + (k,), e.problems[0].message, e.problems[0].fix)
-            if ds.shards_idx is not None and (ds.shards is None or ds.shards_idx >= ds.shards):
-                found.error(dp + ("shards_idx",), f"shards_idx {ds.shards_idx} needs `shards` greater than it (shards: {ds.shards})",
-                            "set `shards: N` and a `shards_idx` from 0 to N-1", dp + ("shards",))
-            mp = ds.message_property_mappings or {}
-            for legacy, prop in (("message_field_role", "role"), ("message_field_content", "content")):
-                v = getattr(ds, legacy)
-                if v is not None and prop in mp and mp[prop] != v:
-                    found.error(dp + (legacy,), f"{legacy}: {v} disagrees with message_property_mappings.{prop}: {mp[prop]}",
-                                f"keep only `message_property_mappings: {{{prop}: ...}}`", dp + ("message_property_mappings",))
-
-def check_stream(cfg: Config, found: Found):
-    """`pretraining_dataset`: axolotl's rules in config terms (max_steps, no val_set_size, one source of training data, a
-    method that trains on text) and the stream keys that change nothing where they are written."""
-    stream_keys = [k for k in ("streaming_multipack_buffer_size", "pretrain_multipack_attn", "pretraining_sample_concatenation")
-                   if _set(cfg, k)]
-    if not cfg.pretraining_dataset:
-        for k in stream_keys:
-            found.note((k,), f"`{k}` shapes the rows streamed from `pretraining_dataset`, which is not set; ignored")
-        if cfg.streaming:
-            found.note(("streaming",), "`streaming: true` streams `pretraining_dataset`; `datasets:` entries are loaded whole "
-                                       "and cached (to stream a raw-text corpus, list it under `pretraining_dataset:`)")
-        return
-    p, entry = ("pretraining_dataset",), registry().get(cfg.method)
-    if cfg.datasets:
-        found.error(("datasets",), f"`datasets` and {found.at(*p)} both give the training data",
-                    "keep one: `pretraining_dataset` streams raw text while training, `datasets` are loaded whole; "
-                    "evaluation data goes in `test_datasets`", p)
-    if not cfg.max_steps:
-        tokens = cfg.sequence_len * cfg.effective_batch_size
-        found.error(p, "`max_steps` is required with `pretraining_dataset`: a stream has no length, so the number of steps "
-                       "(and with it the learning-rate schedule) cannot come from `num_epochs`",
-                    f"add e.g. `max_steps: 1000`; each step trains sequence_len x micro_batch_size x "
-                    f"gradient_accumulation_steps tokens per process ({tokens:,} here)", ("max_steps",))
-    if (cfg.val_set_size or 0) > 0:
-        found.error(("val_set_size",), "`val_set_size` cannot hold rows out of a stream (it is never read whole)",
-                    "remove `val_set_size` and give evaluation data in `test_datasets:`", p)
-    if entry is not None and not entry.streams:
-        key = ("rl",) if cfg.rl else (cfg.method,)
-        readers = sorted(n for n, e in registry().items() if e.streams)
-        found.error(key, f"`pretraining_dataset` trains the language-modelling loss on raw text; {method_words(cfg.method)} "
-                         f"trains on {KIND_NAMES.get(entry.data_kind(cfg), 'its own rows')}",
-                    f"remove `{key[0]}:` to train on the stream ({_methods_words(readers)}), or give the method's data in `datasets:`", p)
-    if cfg.dataset_exact_deduplication:
-        found.error(("dataset_exact_deduplication",), "`dataset_exact_deduplication` needs every row at once; a stream is read once, as it comes",
-                    "remove `dataset_exact_deduplication` (or deduplicate the corpus before training)", p)
-    if cfg.streaming is False:
-        found.note(("streaming",), "`pretraining_dataset` is always streamed; `streaming: false` changes nothing")
-    if cfg.group_by_length:
-        found.note(("group_by_length",), "`group_by_length` would need the whole stream at once; streamed rows come in order, packed")
-    if cfg.sample_packing and cfg.pretraining_sample_concatenation is not None:
-        found.note(("pretraining_sample_concatenation",), "with `sample_packing: true` documents are concatenated into packed rows "
-                   "anyway; `pretraining_sample_concatenation` changes nothing")
-    elif not cfg.sample_packing and _set(cfg, "pretrain_multipack_attn"):
-        found.note(("pretrain_multipack_attn",), "`pretrain_multipack_attn` applies to packed rows (`sample_packing: true`); "
-                   + ("concatenated rows (`pretraining_sample_concatenation: true`) let documents attend to each other, as in axolotl"
-                      if cfg.pretraining_sample_concatenation else "without packing each document has rows of its own"))
+__all__ = ['CHECKS', 'check_method', 'check_generation', 'check_ebft', 'check_adapter', 'check_precision', 'check_schedule',
+           'check_kernels', 'check_trackers', 'cross_check', 'check_runnable']
 
 # %% ../../nbs/config/06_checks.ipynb #f44f25d5
 def check_method(cfg: Config, found: Found):
@@ -209,7 +40,7 @@ def check_method(cfg: Config, found: Found):
     for k in sorted(cfg.model_fields_set):
         readers = sorted(n for n, e in methods.items() if e.reads_key(k))
         if readers and m not in readers:
-            found.note((k,), f"`{k}` only applies to {_methods_words(readers)}; ignored with method {m}")
+            found.note((k,), f"`{k}` only applies to {methods_words(readers)}; ignored with method {m}")
     for check in entry.checks: check(cfg, found)
 
 # %% ../../nbs/config/06_checks.ipynb #0333d164
@@ -221,13 +52,13 @@ def check_generation(cfg: Config, found: Found):
         extra = sorted(set(t.model_fields_set) - set(entry.trl_keys))
         if extra:
             readers = sorted(n for n, e in methods.items() if e.trl_keys is None or set(extra) <= set(e.trl_keys))
-            scope = f"only apply to {_methods_words(readers)}" if readers else "are read by no method"
+            scope = f"only apply to {methods_words(readers)}" if readers else "are read by no method"
             found.note(("trl",), f"`trl:` keys ({', '.join(extra)}) {scope}; ignored with method {m}")
     if t is not None and t.vllm_mode and not t.use_vllm:
         found.note(("trl", "vllm_mode"), "`trl.vllm_mode` has no effect without `trl.use_vllm: true`")
     if cfg.vllm is not None and entry is not None and "vllm" not in entry.sections:
         readers = sorted(n for n, e in methods.items() if "vllm" in e.sections)
-        found.note(("vllm",), f"`vllm:` only applies to methods that generate ({_methods_words(readers)}); ignored with method {m}")
+        found.note(("vllm",), f"`vllm:` only applies to methods that generate ({methods_words(readers)}); ignored with method {m}")
 
 # %% ../../nbs/config/06_checks.ipynb #b92eb0da
 def check_ebft(cfg: Config, found: Found):
@@ -237,7 +68,7 @@ def check_ebft(cfg: Config, found: Found):
     entry = methods.get(m)
     if entry is not None and "ebft" not in entry.sections:
         readers = sorted(n for n, e in methods.items() if "ebft" in e.sections) or ["ebft"]
-        found.note(("ebft",), f"`ebft:` only applies to {_methods_words(readers)}; ignored with method {m}")
+        found.note(("ebft",), f"`ebft:` only applies to {methods_words(readers)}; ignored with method {m}")
 
 # %% ../../nbs/config/06_checks.ipynb #75dca533
 _LORA_KEYS = ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "lora_target_linear", "lora_target_parameters",
@@ -267,7 +98,7 @@ def check_adapter(cfg: Config, found: Found):
         found.note(("unfrozen_parameters",), f"`unfrozen_parameters` chooses the weights of a full fine-tune; with `adapter: {cfg.adapter}` "
                    "only the adapter trains and it is ignored (`lora_modules_to_save` trains whole modules beside the adapter)", ("adapter",))
     if not cfg.adapter:
-        lora = [k for k in _LORA_KEYS if _set(cfg, k) and getattr(cfg, k) not in (False, [], "")]
+        lora = [k for k in _LORA_KEYS if is_set(cfg, k) and getattr(cfg, k) not in (False, [], "")]
         if lora:
             found.note((lora[0],), f"{', '.join(f'`{k}`' for k in lora)} {'is' if len(lora) == 1 else 'are'} set but `adapter` is not: "
                        "this is a full fine-tune and the LoRA settings are ignored (add `adapter: lora` to train an adapter)")
@@ -305,10 +136,10 @@ def check_schedule(cfg: Config, found: Found):
     if cfg.warmup_steps is not None and cfg.warmup_ratio is not None:
         found.error(("warmup_ratio",), f"{found.at('warmup_steps')} and warmup_ratio are both set",
                     "keep one: warmup_steps counts optimizer steps, warmup_ratio is a fraction of training", ("warmup_steps",))
-    if _set(cfg, "max_steps") and _set(cfg, "num_epochs"):
+    if is_set(cfg, "max_steps") and is_set(cfg, "num_epochs"):
         found.note(("max_steps",), f"max_steps: {cfg.max_steps} takes precedence over num_epochs: {fmt(cfg.num_epochs)}")
     if cfg.batch_size is not None:
-        if _set(cfg, "gradient_accumulation_steps") and cfg.batch_size != cfg.effective_batch_size:
+        if is_set(cfg, "gradient_accumulation_steps") and cfg.batch_size != cfg.effective_batch_size:
             found.error(("batch_size",), f"batch_size: {cfg.batch_size} disagrees with micro_batch_size x gradient_accumulation_steps "
                         f"({cfg.micro_batch_size} x {cfg.gradient_accumulation_steps} = {cfg.effective_batch_size})",
                         "keep `batch_size` (it sets gradient_accumulation_steps) or `gradient_accumulation_steps`, not both",
@@ -380,93 +211,7 @@ def check_trackers(cfg: Config, found: Found):
     for i, p in enumerate(cfg.plugins or []):
         if plugin_folder(p) in COVERED_PLUGINS: found.note(("plugins", i), f"plugin `{p}` is not needed: {COVERED_PLUGINS[plugin_folder(p)]}")
 
-# %% ../../nbs/config/06_checks.ipynb #50b6207c
-_NOT_FSDP2 = {"no_shard", "hybrid_shard", "hybrid_shard_zero2", "NO_SHARD", "HYBRID_SHARD", "HYBRID_SHARD_ZERO2"}
-_FSDP2_ONLY = "ftlab runs FSDP2, whose sharding is FULL_SHARD (`reshard_after_forward: true`) or SHARD_GRAD_OP (`false`)"
-_PREFERENCE = ("dpo", "ipo", "kto", "orpo", "simpo")
-
-def _check_deepspeed_file(cfg: Config, found: Found):
-    "The DeepSpeed config: readable, its fixed numbers agreeing with the config's keys, its own optimizer noted."
-    try: ds = read_deepspeed(cfg.deepspeed, cfg.base_dir)
-    except DeepSpeedError as e:
-        found.error(("deepspeed",), e.message, e.fix)
-        return None
-    if ds.note: found.note(("deepspeed",), ds.note)
-    for key, ours, theirs in (("train_micro_batch_size_per_gpu", "micro_batch_size", cfg.micro_batch_size),
-                              ("gradient_accumulation_steps", "gradient_accumulation_steps", cfg.gradient_accumulation_steps),
-                              ("gradient_clipping", "max_grad_norm", 1.0 if cfg.max_grad_norm is None else cfg.max_grad_norm)):
-        v = ds.data.get(key, "auto")
-        if v != "auto" and v != theirs:
-            found.error(("deepspeed",), f"{ds.source} sets `{key}: {fmt(v)}` but {ours} is {fmt(theirs)}",
-                        f"write `\"{key}\": \"auto\"` in the JSON (it then follows `{ours}`), or set `{ours}: {fmt(v)}`", (ours,))
-    for part in ("optimizer", "scheduler"):
-        if part in ds.data:
-            found.note(("deepspeed",), f"{ds.source} has its own `{part}` section: DeepSpeed's {part} is used and the config's "
-                       + ("`optimizer`" if part == "optimizer" else "`lr_scheduler`") + " is not")
-    return ds
-
-def check_parallel(cfg: Config, found: Found):
-    "Several processes: one sharding engine, FSDP2 only, the DeepSpeed config, and the combinations that do not run."
-    fsdp_key = "fsdp_config" if cfg.fsdp_config is not None else "fsdp"
-    ds = _check_deepspeed_file(cfg, found) if cfg.deepspeed else None
-    if cfg.deepspeed and not deepspeed_installed():
-        found.error(("deepspeed",), "`deepspeed` asks for DeepSpeed ZeRO, and the deepspeed package is not installed",
-                    "`pip install deepspeed` (on a machine without CUDA: `DS_BUILD_OPS=0 pip install deepspeed`), or remove `deepspeed`")
-    if cfg.deepspeed and cfg.fsdp_asked:
-        found.error(("deepspeed",), f"deepspeed and {found.at(fsdp_key)} both choose how the model is sharded",
-                    "keep one: DeepSpeed ZeRO (`deepspeed:`) or FSDP2 (`fsdp_version: 2` with `fsdp_config:`)", (fsdp_key,))
-    inner = cfg.fsdp_config.fsdp_version if cfg.fsdp_config is not None else None
-    if cfg.fsdp_version and inner and cfg.fsdp_version != inner:
-        found.error(("fsdp_config", "fsdp_version"), f"fsdp_config.fsdp_version: {inner} disagrees with {found.at('fsdp_version')}: {cfg.fsdp_version}",
-                    "keep one of them", ("fsdp_version",))
-    elif fsdp_version(cfg) == 1:
-        k = ("fsdp_version",) if cfg.fsdp_version else ("fsdp_config", "fsdp_version")
-        found.error(k, "`fsdp_version: 1` asks for FSDP1, and ftlab runs FSDP2 (transformers deprecates FSDP1)",
-                    "write `fsdp_version: 2`: the `fsdp_config` keys mean the same there, and FSDP1-only ones are ignored with a note")
-    elif cfg.fsdp_asked and fsdp_version(cfg) is None:
-        found.note((fsdp_key,), f"`{fsdp_key}` without `fsdp_version`: axolotl would run FSDP1 here; ftlab runs FSDP2 (write `fsdp_version: 2` to say so)")
-    if cfg.fsdp_version and not cfg.fsdp_asked:
-        found.note(("fsdp_version",), "`fsdp_version` turns nothing on by itself: add an `fsdp_config:` section (`fsdp_config: {}` for FSDP2's defaults)")
-    for i, x in enumerate(cfg.fsdp or []):
-        if x in _NOT_FSDP2:
-            found.error(("fsdp", i), f"fsdp: {x} is an FSDP1 sharding strategy", _FSDP2_ONLY + ": write `full_shard` or `shard_grad_op`")
-    if cfg.fsdp and not set(cfg.fsdp) & _NOT_FSDP2:
-        found.note(("fsdp",), "`fsdp:` (axolotl's older list) is read as FSDP2's options: full_shard is reshard_after_forward: true, "
-                              "shard_grad_op false, offload offloads to CPU, auto_wrap wraps each transformer layer")
-    fc = cfg.fsdp_config
-    if fc is not None:
-        if fc.sharding_strategy in _NOT_FSDP2:
-            found.error(("fsdp_config", "sharding_strategy"), f"sharding_strategy: {fc.sharding_strategy} is FSDP1's", _FSDP2_ONLY)
-        if fc.auto_wrap_policy == "SIZE_BASED_WRAP" and not fc.min_num_params:
-            found.error(("fsdp_config", "auto_wrap_policy"), "`auto_wrap_policy: SIZE_BASED_WRAP` needs `min_num_params`",
-                        "add `min_num_params: 100000000` (modules above 100M parameters are sharded on their own) under `fsdp_config:`")
-        if fc.transformer_layer_cls_to_wrap and fc.auto_wrap_policy in ("SIZE_BASED_WRAP", "NO_WRAP"):
-            found.note(("fsdp_config", "transformer_layer_cls_to_wrap"), f"`transformer_layer_cls_to_wrap` is ignored with `auto_wrap_policy: {fc.auto_wrap_policy}`")
-        if fc.activation_checkpointing and cfg.gradient_checkpointing:
-            found.note(("fsdp_config", "activation_checkpointing"), "`fsdp_config.activation_checkpointing` and `gradient_checkpointing` both "
-                       "recompute activations: under FSDP2 FSDP's own is used and the trainer's is off (transformers refuses both)",
-                       ("gradient_checkpointing",))
-    if cfg.fsdp_asked:
-        if cfg.load_in_8bit:
-            found.error(("load_in_8bit",), f"FSDP2 ({found.at(fsdp_key)}) cannot shard 8-bit (LLM.int8) weights",
-                        "use `load_in_4bit: true` (QLoRA: its 4-bit weights are stored in the compute dtype, which FSDP2 shards), or DeepSpeed ZeRO-2 (`deepspeed: zero2`)", (fsdp_key,))
-        elif cfg.load_in_4bit and cfg.method in _PREFERENCE:
-            found.error(("load_in_4bit",), f"FSDP2 ({found.at(fsdp_key)}) with a 4-bit model does not run {method_words(cfg.method)} (axolotl refuses it too)",
-                        "use DeepSpeed ZeRO-2 (`deepspeed: zero2`) for this method with a 4-bit model, or LoRA on the unquantized model", (fsdp_key,), ("rl",))
-        if cfg.optimizer in ("adamw_8bit", "adamw_bnb_8bit"):
-            found.error(("optimizer",), f"`optimizer: {cfg.optimizer}` (bitsandbytes' 8-bit AdamW) fails under FSDP2 ({found.at(fsdp_key)})",
-                        "use `optimizer: adamw_torch_8bit` (torchao's 8-bit AdamW works with FSDP2)", (fsdp_key,))
-    if ds is not None and ds.stage == 3 and (cfg.load_in_4bit or cfg.load_in_8bit):
-        k = "load_in_4bit" if cfg.load_in_4bit else "load_in_8bit"
-        found.error((k,), f"DeepSpeed ZeRO-3 ({ds.source}, {found.at('deepspeed')}) cannot partition a model loaded with `{k}: true`: "
-                    "ftlab loads the weights before DeepSpeed starts",
-                    "use ZeRO-2 (`deepspeed: zero2`: optimizer state and gradients sharded), FSDP2 for QLoRA (`fsdp_version: 2`), or remove the quantization", ("deepspeed",))
-    if cfg.sharded:
-        engine = "DeepSpeed" if cfg.deepspeed else "FSDP2"
-        for k in ("ddp_bucket_cap_mb", "ddp_broadcast_buffers", "ddp_find_unused_parameters"):
-            if getattr(cfg, k) is not None:
-                found.note((k,), f"`{k}` tunes DDP, and this run uses {engine}: it has no effect (`ddp_timeout` still applies)")
-
+# %% ../../nbs/config/06_checks.ipynb #4d44e99e
 CHECKS = (check_data, check_stream, check_method, check_generation, check_ebft, check_adapter, check_precision, check_schedule,
           check_kernels, check_trackers, check_parallel)
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-import ftlab.config.checks as checks
+import ftlab.config.parallel_checks as parallel_checks
 from ftlab.config import load_config
 from ftlab.config.parallel import deepspeed_installed, deepspeed_presets, read_deepspeed, strategy
 from ftlab.errors import ConfigError
@@ -18,7 +18,7 @@ MINIMAL = "base_model: ftlab:tiny\ndatasets:\n  - path: ftlab:data/chat.jsonl\n 
 @pytest.fixture
 def with_deepspeed(monkeypatch):
     "The checks as where the deepspeed package is installed (it is not a dependency; scripts/test_deepspeed.sh installs it)."
-    monkeypatch.setattr(checks, "deepspeed_installed", lambda: True)
+    monkeypatch.setattr(parallel_checks, "deepspeed_installed", lambda: True)
 
 
 def problems(text, **kw):
@@ -38,7 +38,7 @@ def args(cfg, fsdp_here=True):
 def test_deepspeed_presets_by_every_name(value, with_deepspeed, tmp_path):
     cfg = load_config(MINIMAL + f"deepspeed: {value}\n", base_dir=tmp_path)
     ds = args(cfg)["deepspeed"]
-    shipped = json.loads((Path(checks.__file__).parents[1] / "assets/deepspeed/zero3_bf16.json").read_text())
+    shipped = json.loads((Path(parallel_checks.__file__).parents[1] / "assets/deepspeed/zero3_bf16.json").read_text())
     assert ds == shipped and ds["train_micro_batch_size_per_gpu"] == "auto"   # transformers fills the "auto" values
     said = [n for n in cfg.notes if "read as ftlab's preset `zero3_bf16`" in n]
     assert len(said) == ("deepspeed_configs/" in value)
@@ -181,7 +181,7 @@ def test_qlora_under_fsdp2_and_reference_models_under_zero3_run(with_deepspeed):
 
 
 def test_deepspeed_not_installed_is_one_message(monkeypatch):
-    monkeypatch.setattr(checks, "deepspeed_installed", lambda: False)
+    monkeypatch.setattr(parallel_checks, "deepspeed_installed", lambda: False)
     p = problems(MINIMAL + "deepspeed: zero2\n")
     assert len(p) == 1 and p[0].key == "deepspeed" and p[0].line == 5
     assert p[0].message == "`deepspeed` asks for DeepSpeed ZeRO, and the deepspeed package is not installed"
