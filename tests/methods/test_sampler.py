@@ -61,6 +61,17 @@ def test_a_graph_that_cannot_be_recorded_falls_back_with_a_note(tmp_path, monkey
     assert [r["step"] for r in read_metrics(run.output_dir) if r["event"] == "log"] == [1, 2]
 
 
+def test_ebft_structured_mode_samples_with_it_too(tmp_path):
+    "EBFT's structured mode generates through GRPO's path: axolotl's no-vLLM example trains with the sampler."
+    from pathlib import Path
+    text = (Path(__file__).parents[1] / "configs" / "ebft_opencode_novllm.yaml").read_text()
+    text = text.replace("./outputs/ebft-validation", str(tmp_path / "out")).replace("bf16: auto", "bf16: false")
+    run = Run(load_config(text.replace("trl:\n", "trl:\n  sampler: graphs\n", 1))).train(max_steps=2)
+    assert run.state == "finished" and any(n.startswith(SAMPLER_NOTE) for n in notes(run))
+    logs = [r for r in read_metrics(run.output_dir) if r["event"] == "log"]
+    assert [r["step"] for r in logs] == [1, 2] and all(r["completions/mean_length"] > 0 and "ebft/reward" in r for r in logs)
+
+
 @pytest.mark.gpu
 def test_the_recorded_step_replays_the_eager_steps_with_the_current_weights(tmp_path):
     """On CUDA, bf16, LoRA with ftlab's fused kernels and Liger: one GRPO step through the graph sampler (the default),
