@@ -59,8 +59,9 @@ def parse_run(spec: str) -> dict:
 
 def parse_variant(spec: str) -> tuple[str, list[str]]:
     """`LABEL:KEY=VALUE,KEY=VALUE` -> (label, ['KEY=VALUE', ...]): one more ftlab row per ftlab run, with those keys.
-    An item starting with `--` is an `sft_bench.py` flag instead (e.g. `--solo-lora`), except `--torchrun`: the row
-    runs under `python -m torch.distributed.run --nproc_per_node 1` (the launcher's cost on one GPU)."""
+    An item starting with `--` is an `sft_bench.py` flag instead (e.g. `--solo-lora`), except `--torchrun` /
+    `--torchrun=N`: the row runs as N workers (default 1) of `python -m torch.distributed.run --nproc_per_node N`
+    (one per GPU; on a CPU over gloo). Its tokens/s and MFU are per GPU, `tokens_per_s_total` the sum."""
     label, _, kvs = spec.partition(":")
     sets = [x for x in kvs.split(",") if x]
     if not label or not all("=" in x or x.startswith("--") for x in sets):
@@ -151,6 +152,8 @@ def run_child(cmd: list[str], timeout: float, log) -> tuple[dict | None, int | N
     "Run one child in its own process group; (its result row or None, exit code or None on timeout, last lines)."
     import tempfile
     env = dict(os.environ, PYTHONUNBUFFERED="1")
+    if "torch.distributed.run" in cmd and "--device" in cmd and cmd[cmd.index("--device") + 1] == "cpu":
+        env["ACCELERATE_USE_CPU"] = "1"        # several CPU processes train as one run only with it (gloo)
     if "unsloth" in cmd and os.environ.get("UNSLOTH_SITE"):
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [os.environ["UNSLOTH_SITE"], os.environ.get("PYTHONPATH")]))
     with tempfile.TemporaryFile("w+") as buf:
@@ -401,8 +404,9 @@ def main(argv=None):
         if a.warmup is not None: cmd += ["--warmup", str(a.warmup)]
         if r["impl"] == "ftlab":
             for x in [*(a.ftlab_set or []), *r.get("variant_set", [])]:
-                if x == "--torchrun":   # the row runs as the one worker of torch's launcher, as a one-GPU FSDP2 / DeepSpeed run does
-                    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1", *cmd[1:]]
+                if x == "--torchrun" or x.startswith("--torchrun="):   # the row's workers under torch's launcher
+                    n = x.partition("=")[2] or "1"
+                    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", n, *cmd[1:]]
                 else: cmd += [x] if x.startswith("--") else ["--ftlab-set", x]
             if r.get("variant"): cmd += ["--label", r["variant"]]
         t = time.time()

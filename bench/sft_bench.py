@@ -667,7 +667,9 @@ def one_run(a) -> dict:
         import torch
         folder, prep = ensure_model(a.model, a.cache, a.device)
         if prep: row["model_prepare"] = prep
-        rows = make_rows(a.data, (a.warmup + a.steps) * a.batch, a.seq, cfg_json["vocab_size"], seed=a.seed)
+        world = int(os.environ.get("WORLD_SIZE", "1"))   # one of several processes (torchrun): each trains its share
+        if world > 1: row["world_size"] = world
+        rows = make_rows(a.data, (a.warmup + a.steps) * a.batch * world, a.seq, cfg_json["vocab_size"], seed=a.seed)
         if a.device == "cpu" and a.impl == "liger": cpu_liger_reference_ops(); row["liger_ops"] = "cpu check: PyTorch reference maths"
         if a.sdpa != "default":   # one attention backend for PyTorch's SDPA in this process, no fallback
             for name in ("flash", "cudnn", "efficient", "math"):
@@ -842,6 +844,11 @@ def main(argv=None):
     a.steps = a.steps if a.steps is not None else (3 if cpu else 20)
     a.warmup = a.warmup if a.warmup is not None else (2 if cpu else 5)
     row = find_max_seq(a) if a.find_max_seq else one_run(a)
+    if row.get("world_size", 1) > 1:
+        # several processes: rank 0's figures are per GPU (each rank trains the same shape of batch); the total is
+        # rank 0's times the number of processes, and only rank 0 reports
+        if row.get("tokens_per_s"): row["tokens_per_s_total"] = round(row["tokens_per_s"] * row["world_size"], 1)
+        if int(os.environ.get("RANK", "0")) != 0: return 0 if row.get("status", "ok") == "ok" else 1
     line = json.dumps(row, default=str)
     if a.out:
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
