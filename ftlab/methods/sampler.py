@@ -12,7 +12,7 @@ class SamplerUnavailable(Exception):
 
 # %% auto #0
 __all__ = ['HANDLED', 'SamplerUnavailable', 'SampleSettings', 'sample_settings', 'warpers', 'draw', 'Decoder', 'fingerprint',
-           'GraphSampler', 'choose_sampler']
+           'GraphSampler', 'cache_layer_kinds', 'choose_sampler']
 
 # %% ../../nbs/methods/13_sampler.ipynb #a7c46022
 # generation settings the sampler carries out itself; any other setting that differs from transformers' defaults
@@ -170,8 +170,7 @@ class GraphSampler:
     one CUDA graph per batch shape replayed once per token. Keeps the `keep` most recent shapes."""
     def __init__(self, model, settings: SampleSettings, graphs: bool | None = None, bucket: int = 256, keep: int = 2):
         self.model, self.settings, self.bucket, self.keep = model, settings, bucket, keep
-        dev = next(model.parameters()).device
-        self.graphs = dev.type == "cuda" if graphs is None else graphs
+        self.graphs = next(model.parameters()).device.type == "cuda" if graphs is None else graphs
         self.decoders: OrderedDict = OrderedDict()
 
     def decoder(self, batch: int, length: int, s: SampleSettings) -> Decoder:
@@ -216,6 +215,11 @@ class GraphSampler:
         return [row[:next((i + 1 for i, t in enumerate(row) if t in ends), len(row))] for row in out]
 
 # %% ../../nbs/methods/13_sampler.ipynb #2ddbf5b5
+def cache_layer_kinds(config) -> set[str]:
+    "The kinds of KV-cache layer transformers' `StaticCache` builds for a model with this config (`full_attention`, ...)."
+    from transformers.cache_utils import get_layer_types_and_kwargs
+    return set(get_layer_types_and_kwargs(config.get_text_config(decoder=True))[0])
+
 def choose_sampler(trainer, cfg) -> tuple[GraphSampler | None, str | None]:
     """The sampler a GRPO-family trainer generates with, and a note saying why not where it was asked for or a GPU
     would have used it. `trl.sampler`: `auto` (CUDA graphs on a GPU where they apply), `graphs`, `generate`."""
@@ -232,6 +236,9 @@ def choose_sampler(trainer, cfg) -> tuple[GraphSampler | None, str | None]:
                or gk.get("disable_compile") is False else
            "FSDP2 shards the weights it would read" if getattr(trainer, "is_fsdp_enabled", False) else
            "DeepSpeed ZeRO-3 partitions the weights it would read" if plugin is not None and plugin.zero_stage == 3 else None)
+    other = sorted(cache_layer_kinds(trainer.model.config) - {"full_attention"})
+    if why is None and other:
+        why = f"the model has {' and '.join(k.replace('_', ' ') for k in other)} layers, whose cache the sampler's mask does not follow"
     settings = None
     if why is None:
         settings, why = sample_settings(trainer.generation_config)
