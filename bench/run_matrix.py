@@ -416,7 +416,7 @@ def main(argv=None):
         if res is None:
             res = dict(r, kind="run", status="timeout" if rc is None else "crash",
                        error=(f"over {timeout:.0f} s" if rc is None else f"exit {rc}: " + (tail.splitlines()[-1:] or ["?"])[0]),
-                       command="python bench/sft_bench.py " + shlex.join(cmd[2:]))
+                       command=shlex.join(["python", *cmd[1:]]).replace(str(HERE / "sft_bench.py"), "bench/sft_bench.py"))
         res["matrix_wall_s"] = round(wall, 1)
         seen[(r["model"], r["mode"], r["seq"])] = max(seen.get((r["model"], r["mode"], r["seq"]), 0), wall)
         record(res)
