@@ -134,6 +134,10 @@ def generation_options(cfg, found):
     "The generation settings TRL would refuse deep in its trainer, or would silently not use."
     t = cfg.trl
     if t is None: return
+    if t.temperature == 0:
+        found.error(("trl", "temperature"), "temperature 0 cannot be sampled from: transformers' sampling divides the "
+                    "scores by it, and GRPO compares several sampled completions of each prompt",
+                    "use a small positive temperature (e.g. 0.1); `top_k: 1` makes every completion the greedy one")
     if t.generation_batch_size and t.steps_per_generation:
         found.error(("trl", "generation_batch_size"), "`generation_batch_size` and `steps_per_generation` both say how many "
                     "completions a generation step samples", "keep one of them", ("trl", "steps_per_generation"))

@@ -294,3 +294,10 @@ def test_generation_speed_keys_reach_trl(tmp_path, extra, paged):
     # min_new_tokens = max_completion_length fixes the lengths for generate; continuous batching drops that processor
     assert log["completions/mean_length"] == 24 if not paged else 0 < log["completions/mean_length"] <= 24
     if paged: assert any("min_new_tokens" in n for n in run.cfg.notes)
+
+
+def test_temperature_zero_is_one_message_before_anything_loads(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        load_config(grpo_cfg(tmp_path, extra="  temperature: 0\n"))
+    (p,) = e.value.problems
+    assert p.key == "trl.temperature" and "temperature 0 cannot be sampled from" in p.message and "top_k: 1" in p.fix
