@@ -10,8 +10,8 @@ from .tokenizer import model_path, load_error
 # %% auto #0
 __all__ = ['KERNEL_KEYS', 'device_info', 'training_dtype', 'torch_dtype', 'attn_implementation', 'attention_note',
            'quantization_config', 'load_model', 'lora_config', 'load_adapter', 'check_lora_targets',
-           'freeze_parameters', 'apply_kernels', 'fused_lora_callback', 'count_parameters', 'apply_long_context',
-           'long_context_callback']
+           'freeze_parameters', 'kernel_groups', 'apply_kernels', 'fused_lora_callback', 'count_parameters',
+           'apply_long_context', 'long_context_callback']
 
 # %% ../nbs/08_model.ipynb #a4f255bd
 def device_info() -> dict:
@@ -170,10 +170,14 @@ def freeze_parameters(cfg, model) -> str | None:
 # %% ../nbs/08_model.ipynb #8b6817ae
 KERNEL_KEYS = {"qkv": "lora_qkv_kernel", "o": "lora_o_kernel", "mlp": "lora_mlp_kernel"}
 
+def kernel_groups(cfg) -> tuple:
+    "The fused LoRA projection groups the config turns on (`qkv`, `o`, `mlp`); none without an adapter."
+    return tuple(g for g, key in KERNEL_KEYS.items() if getattr(cfg, key, None)) if cfg.adapter else ()
+
 def apply_kernels(cfg, model) -> str | None:
     "Switch on the kernels the config asks for on a PEFT model; a one-line account, or None when none is asked."
-    groups = tuple(g for g, key in KERNEL_KEYS.items() if getattr(cfg, key, None))
-    if not groups or not cfg.adapter: return None
+    groups = kernel_groups(cfg)
+    if not groups: return None
     from ftlab.kernels.lora import apply_fused_lora, fused_lora_summary
     n = apply_fused_lora(model, which=groups)
     mlps = len(fused_lora_summary(model)["swiglu_mlps"])
@@ -183,8 +187,8 @@ def apply_kernels(cfg, model) -> str | None:
 def fused_lora_callback(cfg):
     """A TrainerCallback that gives the MLPs their fused forward again when training begins, or None where nothing
     needs it: transformers applies Liger's kernels inside `train()`, binding Liger's MLP forward over ftlab's."""
-    groups = tuple(g for g, key in KERNEL_KEYS.items() if getattr(cfg, key, None))
-    if "mlp" not in groups or not cfg.adapter or not cfg.use_liger_kernel: return None
+    groups = kernel_groups(cfg)
+    if "mlp" not in groups or not cfg.use_liger_kernel: return None
     from transformers import TrainerCallback
     class FusedLoRAAgain(TrainerCallback):
         def on_train_begin(self, args, state, control, model=None, **kw):
