@@ -6,6 +6,7 @@
 from __future__ import annotations
 import dataclasses
 from collections import OrderedDict
+from .sampler_merge import MERGE_SHARE, merged_lora
 
 class SamplerUnavailable(Exception):
     "The sampler cannot run this model here (a CUDA graph failed to record); the caller generates another way."
@@ -74,8 +75,9 @@ def draw(scores, do_sample: bool = True):
 class Decoder:
     """The state of one batch shape (`batch` rows, `length` cache slots): transformers' `StaticCache`, the buffers a
     decoding step reads and writes in place, and on a GPU the CUDA graph of that step. The graph reads the model's
-    weights where they live, so an optimizer step that updates them in place changes what the next replay computes;
-    a parameter moved to new memory makes `fingerprint` differ and the decoder is built again."""
+    weights (and the sampler's merged LoRA copies) where they live, so an optimizer step that updates them in place
+    changes what the next replay computes; a parameter moved to new memory makes `fingerprint` differ and the decoder
+    is built again."""
     def __init__(self, model, batch: int, length: int, s: SampleSettings, graphs: bool):
         import torch
         from transformers import StaticCache
@@ -152,7 +154,6 @@ class Decoder:
 
     def run(self, input_ids, attention_mask, check_every: int = 32):
         "The completions (`batch` x up to `max_new_tokens`, padded after each row's end), stopping once all rows ended."
-        import torch
         self.prefill(input_ids, attention_mask)
         n = self.s.max_new_tokens
         for k in range(1, n):
@@ -167,14 +168,20 @@ def fingerprint(model) -> tuple:
 
 class GraphSampler:
     """Completions for a batch of left-padded prompts: a static KV cache of `bucket`-rounded length and, on a GPU,
-    one CUDA graph per batch shape replayed once per token. Keeps the `keep` most recent shapes."""
-    def __init__(self, model, settings: SampleSettings, graphs: bool | None = None, bucket: int = 256, keep: int = 2):
+    one CUDA graph per batch shape replayed once per token. Keeps the `keep` most recent shapes. LoRA layers compute
+    with merged copies of their weights while it generates, where the copies take at most `merge` of the device's
+    free memory at build time (`free_memory(device)`, CUDA's count by default; `merge=0`: never merge); `merge_note`
+    says which."""
+    def __init__(self, model, settings: SampleSettings, graphs: bool | None = None, bucket: int = 256, keep: int = 2,
+                 merge: float = MERGE_SHARE, free_memory=None):
         self.model, self.settings, self.bucket, self.keep = model, settings, bucket, keep
         self.graphs = next(model.parameters()).device.type == "cuda" if graphs is None else graphs
         self.decoders: OrderedDict = OrderedDict()
+        self.merged, self.merge_note = merged_lora(model, merge, free_memory) if merge else (None, None)
 
-    def decoder(self, batch: int, length: int, s: SampleSettings) -> Decoder:
-        key = (batch, length, s)
+    def decoder(self, batch: int, length: int, s: SampleSettings, merged: tuple = ()) -> Decoder:
+        "The decoder of this shape, built (and its graph recorded) where there is none for it and the layers merged now."
+        key = (batch, length, s, merged)
         d = self.decoders.pop(key, None)
         if d is not None and d.fingerprint != fingerprint(self.model): d = None
         if d is None:
@@ -188,16 +195,17 @@ class GraphSampler:
         return d
 
     def generate(self, input_ids, attention_mask, s: SampleSettings | None = None):
-        "Completion ids (rows x up to `max_new_tokens`, padding after each row's end) of left-padded prompts."
-        import torch
+        """Completion ids (rows x up to `max_new_tokens`, padding after each row's end) of left-padded prompts. The
+        merged LoRA copies are refreshed first and in force throughout: prefill, recording and every step."""
+        import contextlib, torch
         s = s or self.settings
         b, p = input_ids.shape
         length = -(-(p + s.max_new_tokens) // self.bucket) * self.bucket
         was_training = self.model.training
         self.model.eval()
         try:
-            with torch.no_grad():
-                return self.decoder(b, length, s).run(input_ids, attention_mask)
+            with torch.no_grad(), (self.merged.applied() if self.merged else contextlib.nullcontext(())) as merged:
+                return self.decoder(b, length, s, merged).run(input_ids, attention_mask)
         finally:
             if was_training: self.model.train()
 
@@ -248,4 +256,5 @@ def choose_sampler(trainer, cfg) -> tuple[GraphSampler | None, str | None]:
         return None, (f"completions are sampled with transformers' `generate`: {why}" if said else None)
     sampler = GraphSampler(trainer.model, settings, graphs=cuda)
     how = "CUDA graphs, one per batch shape" if cuda else "no CUDA graphs on a CPU: the same steps, run one by one"
-    return sampler, f"completions are sampled by ftlab's static-cache sampler ({how})"
+    merge = f"; {sampler.merge_note}" if sampler.merge_note else ""
+    return sampler, f"completions are sampled by ftlab's static-cache sampler ({how}){merge}"

@@ -1,12 +1,15 @@
 """ftlab's static-cache sampler for GRPO: the same completions as transformers' `generate` where both are greedy, the
 settings it does not carry out left to `generate`, a graph that cannot be recorded falling back with a note; on the
-GPU, the recorded graph replaying what the eager steps compute, with the weights as the optimizer leaves them."""
+GPU, the recorded graph replaying what the eager steps compute, with the weights as the optimizer leaves them. LoRA
+layers sample with merged copies of their weights: the same completions, refreshed after each change of the adapter,
+kept apart where the copy would not fit, and the layers' own forwards given back afterwards."""
 import json
 import pytest
 import torch
 from ftlab.config import load_config
 from ftlab.events import read_metrics
 from ftlab.run import Run
+from ftlab.methods.sampler import GraphSampler, SampleSettings
 from test_grpo import count_reward, grpo_cfg
 
 SAMPLER_NOTE = "completions are sampled by ftlab's static-cache sampler"
@@ -28,7 +31,8 @@ def test_greedy_completions_equal_transformers_generate(tmp_path):
     "`top_k: 1` makes both paths greedy: the sampler and TRL's `generate` path sample the same completions, step after step."
     ours = grpo_run(tmp_path, "  sampler: graphs\n  top_k: 1\n", name="ours")
     theirs = grpo_run(tmp_path, "  sampler: generate\n  top_k: 1\n", name="theirs")
-    assert any(n.startswith(SAMPLER_NOTE) for n in notes(ours)) and not any(SAMPLER_NOTE in n for n in notes(theirs))
+    assert any(n.startswith(SAMPLER_NOTE) and "LoRA merged into a" in n for n in notes(ours))   # merged LoRA sampled
+    assert not any(SAMPLER_NOTE in n for n in notes(theirs))
     assert ours.trainer.sampler is not None and theirs.trainer.sampler is None
     a, b = completions(ours), completions(theirs)
     assert len(a) == 16 and a == b
@@ -112,3 +116,156 @@ def test_the_graph_sampler_equals_generate_in_float32_and_draws_fresh_samples():
     sampled = GraphSampler(model, sample_settings(GenerationConfig(max_new_tokens=40, do_sample=True, eos_token_id=[2], pad_token_id=0))[0])
     one, two = sampled.completions(prompts * 4, 0), sampled.completions(prompts * 4, 0)
     assert one != two and len({tuple(r) for r in one}) > 4    # each replay draws new noise; rows differ
+
+
+GREEDY = SampleSettings(max_new_tokens=24, eos_ids=(2,), pad_id=0, do_sample=False)
+PROMPTS = [[5 + (7 * i) % 900 for i in range(n)] for n in (9, 4, 17, 2)]
+
+
+def tiny_lora(**lora):
+    "The embedded tiny Llama (float32) with LoRA on all seven projections and ftlab's fused kernels, B drawn at random."
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+    from ftlab.assets import embedded_path
+    from ftlab.kernels.lora import apply_fused_lora
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(str(embedded_path("ftlab:tiny")), dtype=torch.float32)
+    model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", **lora)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name: p.normal_(std=0.05)
+    apply_fused_lora(model)
+    return model
+
+
+def own_forwards(model): return {name: m.__dict__.get("forward") for name, m in model.named_modules()}
+
+
+def test_merged_lora_samples_the_unmerged_completions_with_one_matmul_per_projection():
+    """Generating with the merged copies runs the matmuls of the model without its adapter, and one per LoRA layer to
+    refresh its copy; the completions are the unmerged layers' and the copies are what PEFT's own merge makes."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    class Matmuls(TorchDispatchMode):
+        n = 0
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.n += func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.addmm_)
+            return func(*args, **(kwargs or {}))
+    model = tiny_lora()
+    merging, apart = GraphSampler(model, GREEDY, bucket=16), GraphSampler(model, GREEDY, bucket=16, merge=0)
+    assert merging.merge_note.startswith("LoRA merged into a") and apart.merged is None and apart.merge_note is None
+    with Matmuls() as merged: ours = merging.completions(PROMPTS, 0)
+    with Matmuls() as fused: theirs = apart.completions(PROMPTS, 0)
+    with Matmuls() as plain, model.disable_adapter(): apart.completions(PROMPTS, 0)
+    assert ours == theirs and max(map(len, ours)) > 1
+    assert merged.n == plain.n + len(merging.merged.layers) < fused.n    # no LoRA branch anywhere: prefill, MLPs, steps
+    model.merge_adapter()                                                # PEFT's own merge: the same weights
+    assert all(torch.equal(buf, m.get_base_layer().weight) for m, buf in merging.merged.layers)
+    model.unmerge_adapter()
+
+
+def test_the_next_generate_follows_the_adapter_changed_in_place():
+    "The copies are refreshed at the start of each call: an optimizer-like in-place change of lora_B reaches the next one."
+    model = tiny_lora()
+    sampler = GraphSampler(model, GREEDY, bucket=16)
+    before = sampler.completions(PROMPTS, 0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name: p.add_(torch.randn_like(p) * 0.1)
+    after = sampler.completions(PROMPTS, 0)
+    assert after != before and after == GraphSampler(model, GREEDY, bucket=16, merge=0).completions(PROMPTS, 0)
+    assert len(sampler.decoders) == 1
+
+
+def test_a_copy_too_large_for_free_memory_keeps_lora_apart_and_the_run_says_so(tmp_path, monkeypatch):
+    from types import SimpleNamespace as NS
+    from transformers import GenerationConfig
+    import ftlab.methods.sampler_merge as merge
+    from ftlab.methods.sampler import choose_sampler
+    from ftlab.methods.sampler_merge import size_text
+    model = tiny_lora()
+    need = sum(p.numel() * 4 for name, p in model.named_parameters() if "base_layer" in name)   # float32 projections
+    kept = f"LoRA kept apart while sampling: the merged copy would take {size_text(need)} of {size_text(4 * need - 1)} free"
+    small = GraphSampler(model, GREEDY, bucket=16, free_memory=lambda device: 4 * need - 1)
+    assert small.merged is None and small.merge_note == kept
+    assert GraphSampler(model, GREEDY, free_memory=lambda device: 4 * need).merged.nbytes == need
+    monkeypatch.setattr(merge, "device_free_bytes", lambda device: 4 * need - 1)      # what CUDA would report
+    trainer = NS(accelerator=NS(device=torch.device("cpu"), state=NS(deepspeed_plugin=None)), model=model,
+                 is_fsdp_enabled=False, generation_config=GenerationConfig(max_new_tokens=8, eos_token_id=[2], pad_token_id=0))
+    sampler, note = choose_sampler(trainer, load_config(grpo_cfg(tmp_path, extra="  sampler: graphs\n")))
+    assert sampler.merged is None and note.startswith(SAMPLER_NOTE) and note.endswith("; " + kept)
+
+
+def test_dora_and_full_fine_tuning_keep_their_own_path():
+    from transformers import AutoModelForCausalLM
+    from ftlab.assets import embedded_path
+    dora = GraphSampler(tiny_lora(use_dora=True), GREEDY)
+    n = 7 * dora.model.config.num_hidden_layers
+    assert dora.merged is None and dora.merge_note == f"LoRA kept apart while sampling: {n} of {n} LoRA layers kept apart (DoRA)"
+    full = GraphSampler(AutoModelForCausalLM.from_pretrained(str(embedded_path("ftlab:tiny"))), GREEDY)
+    assert full.merged is None and full.merge_note is None
+
+
+def test_the_swapped_forwards_are_given_back_after_generate_and_when_it_fails(monkeypatch):
+    import ftlab.methods.sampler as sm
+    model = tiny_lora()
+    before = own_forwards(model)
+    sampler = GraphSampler(model, GREEDY, bucket=16)
+    sampler.completions(PROMPTS, 0)
+    assert own_forwards(model) == before
+    during = {}
+    def fail(self, *a, **kw):
+        during.update(own_forwards(model))
+        raise RuntimeError("out of memory")
+    monkeypatch.setattr(sm.Decoder, "run", fail)
+    with pytest.raises(RuntimeError, match="out of memory"): sampler.completions(PROMPTS, 0)
+    swapped = {name for name in before if during[name] is not before[name]}
+    assert len(swapped) == 8 * model.config.num_hidden_layers               # every projection, and each SwiGLU MLP
+    assert own_forwards(model) == before
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_cuda_graphs_with_merged_lora_sample_what_generate_samples(dtype):
+    """A small random Llama with LoRA (B drawn at random) and ftlab's fused kernels: greedy completions from the
+    recorded graphs with merged weights are those of `model.generate` on the same weights merged by PEFT (the copies
+    equal them bit for bit). A random model's bf16 logits often tie, and the two paths' rounding (a 256-slot static
+    cache against a growing one) may break a tie either way: where rows part, both tokens are within a few roundings
+    of the top logit. In float32 they are equal."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+    from trl.trainer.utils import pad
+    from ftlab.kernels.lora import apply_fused_lora
+    from ftlab.methods.sampler import sample_settings
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=1024, max_position_embeddings=512, bos_token_id=1,
+                         eos_token_id=2, pad_token_id=0)
+    model = get_peft_model(LlamaForCausalLM(config).to("cuda", dtype), LoraConfig(r=16, lora_alpha=32, target_modules="all-linear")).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name: p.normal_(std=0.02)
+    apply_fused_lora(model)
+    prompts = [[5 + (7 * i + 3 * n) % 1000 for i in range(n)] for n in (9, 4, 17, 2, 30, 1, 12, 6)]
+    gen = GenerationConfig(max_new_tokens=40, do_sample=False, eos_token_id=[2], pad_token_id=0)
+    sampler = GraphSampler(model, sample_settings(gen)[0])
+    assert sampler.graphs and sampler.merge_note.startswith("LoRA merged into a")
+    ours = sampler.completions(prompts, 0)
+    assert len(sampler.decoders) == 1 and sampler.decoders[next(iter(sampler.decoders))].graph is not None
+    ids = pad([torch.tensor(p) for p in prompts], padding_value=0, padding_side="left").cuda()
+    mask = pad([torch.ones(len(p), dtype=torch.long) for p in prompts], padding_value=0, padding_side="left").cuda()
+    model.merge_adapter()
+    try:
+        assert all(torch.equal(buf, m.get_base_layer().weight) for m, buf in sampler.merged.layers)
+        theirs = model.generate(input_ids=ids, attention_mask=mask, generation_config=gen)[:, ids.shape[1]:].tolist()
+        theirs = [r[:r.index(2) + 1] if 2 in r else r for r in theirs]
+        with torch.no_grad():
+            for p, a, b in zip(prompts, ours, theirs):
+                if a == b: continue
+                k = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+                assert k < min(len(a), len(b)), (a, b)                  # one ended where the other went on
+                logits = model(torch.tensor([p + a[:k]], device="cuda")).logits[0, -1].float()
+                tol = 4 * torch.finfo(dtype).eps * logits.abs().max()
+                assert logits.max() - logits[a[k]] <= tol and logits.max() - logits[b[k]] <= tol, (k, a, b)
+        if dtype == torch.float32: assert ours == theirs
+    finally:
+        model.unmerge_adapter()
