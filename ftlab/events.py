@@ -104,7 +104,9 @@ def event_callback(emit):
 
     class EventCallback(TrainerCallback):
         def __init__(self):
-            self.t0 = time.time(); self.last = None; self.nan_step = self.nan_what = None
+            self.t0 = time.time(); self.nan_step = self.nan_what = None
+            # (time, transformers' count of tokens seen, the trainer's own `num_tokens`, which starts at 0 in each process)
+            self.last = (self.t0, 0, 0)
             self.strategy = None    # what spreads the run over its processes (the run sets it once the trainer exists)
 
         def say(self, message: str, step: int | None = None):
@@ -112,7 +114,7 @@ def event_callback(emit):
             emit({"event": "note", "step": step, "message": message})
 
         def on_train_begin(self, args, state, control, **kw):
-            self.t0 = time.time(); self.last = (self.t0, state.num_input_tokens_seen or 0)
+            self.t0 = time.time(); self.last = (self.t0, state.num_input_tokens_seen or 0, 0)
             emit({"event": "start", "step": state.global_step, "max_steps": state.max_steps,
                   "epochs": args.num_train_epochs, "logging_steps": args.logging_steps,
                   "devices": devices(args), "world_size": args.world_size,
@@ -125,10 +127,13 @@ def event_callback(emit):
             rec = {"event": "eval" if is_eval else "log", "step": state.global_step,
                    "time": round(time.time() - self.t0, 3), **logs}
             if not is_eval:
-                now, seen = time.time(), state.num_input_tokens_seen or 0
-                if self.last and now > self.last[0] and seen > self.last[1]:
-                    rec["tokens_per_second"] = round((seen - self.last[1]) / (now - self.last[0]), 1)
-                self.last = (now, seen)
+                # the trainer's own count where it logs one (ftlab then does not ask transformers to count: see
+                # `Method.counts_tokens`), else transformers'
+                now, counted, own = time.time(), state.num_input_tokens_seen or 0, logs.get("num_tokens")
+                seen, before = (counted, self.last[1]) if own is None else (own, self.last[2])
+                if now > self.last[0] and seen > before:
+                    rec["tokens_per_second"] = round((seen - before) / (now - self.last[0]), 1)
+                self.last = (now, counted, self.last[2] if own is None else own)
                 rec.update(gpu_memory())
                 bad = [k for k in ("loss", "grad_norm") if logs.get(k) is not None and not math.isfinite(float(logs[k]))]
                 if bad and self.nan_step is None:

@@ -20,9 +20,10 @@ def steps_per_epoch(cfg, n_rows: int, processes: int | None = None) -> int:
     per_step = cfg.micro_batch_size * cfg.gradient_accumulation_steps * (processes or world_size())
     return max(1, math.ceil(n_rows / per_step))
 
-def training_args(cfg, n_train: int | None, has_eval: bool) -> dict:
+def training_args(cfg, n_train: int | None, has_eval: bool, method=None) -> dict:
     """Keyword arguments shared by every TRL config class (SFTConfig, DPOConfig, ...). `n_train` None: a stream, whose
-    one "epoch" is `max_steps` (so `saves_per_epoch` and `evals_per_epoch` count over the whole run)."""
+    one "epoch" is `max_steps` (so `saves_per_epoch` and `evals_per_epoch` count over the whole run). `method`: the
+    method's registry entry, for the facts that change these arguments (`counts_tokens`)."""
     from ftlab.model import device_info, training_dtype
     from ftlab.distributed import launched
     dev, dtype = device_info(), training_dtype(cfg)
@@ -51,7 +52,9 @@ def training_args(cfg, n_train: int | None, has_eval: bool) -> dict:
         save_total_limit=cfg.save_total_limit,
         bf16=dtype == "bfloat16", fp16=dtype == "float16", use_cpu=not dev["cuda"],
         report_to=trackers(cfg), run_name=cfg.wandb_name, disable_tqdm=True,
-        include_num_input_tokens_seen="non_padding", dataloader_num_workers=0,
+        # the tokens per second of the progress lines: from the trainer's own `num_tokens` where it logs one
+        include_num_input_tokens_seen="no" if method is not None and method.counts_tokens else "non_padding",
+        dataloader_num_workers=0,
         **parallel_args(cfg, fsdp_here),
     )
     for k in ("adam_beta1", "adam_beta2", "adam_epsilon"):
@@ -138,10 +141,10 @@ def lr_lambda(cfg):
     return None
 
 # %% ../../nbs/methods/01_common.ipynb #268ecbb8
-def trainer_args(cfg, train, evalset, **method_kw) -> dict:
+def trainer_args(cfg, method, train, evalset, **method_kw) -> dict:
     "Keyword arguments of a TRL config: the shared training arguments and the method's own (None values left out)."
     n_train = len(train) if hasattr(train, "__len__") else None    # a stream has no length
-    return dict(**training_args(cfg, n_train, evalset is not None), remove_unused_columns=False,
+    return dict(**training_args(cfg, n_train, evalset is not None, method), remove_unused_columns=False,
                 **{k: v for k, v in method_kw.items() if v is not None})
 
 def select(ds, columns):

@@ -21,9 +21,9 @@ def beta(cfg, default: float | None = None) -> float | None:
     if cfg.trl is not None and cfg.trl.beta is not None: return cfg.trl.beta
     return default
 
-def preference_args(cfg, train, evalset, **method_kw) -> dict:
+def preference_args(cfg, method, train, evalset, **method_kw) -> dict:
     "A TRL preference config's arguments: the shared ones, the sequence length, and the method's own."
-    return trainer_args(cfg, train, evalset, max_length=cfg.sequence_len, **method_kw)
+    return trainer_args(cfg, method, train, evalset, max_length=cfg.sequence_len, **method_kw)
 
 def preference_panels(extra: list, chosen: str = "chosen", rejected: str = "rejected") -> list:
     "Loss, rewards of each side, their margin, the method's own panels, log-probs of each side, grad norm."
@@ -60,7 +60,7 @@ DPO_PANELS = preference_panels([ACCURACY_PANEL])
 def build_dpo(cfg, method, model, tokenizer, prepared, callbacks=()):
     from trl import DPOConfig
     train, evalset = select(prepared.train, PAIR_COLUMNS), select(prepared.eval, PAIR_COLUMNS)
-    args = DPOConfig(**preference_args(cfg, train, evalset, beta=beta(cfg), **dpo_loss(cfg),
+    args = DPOConfig(**preference_args(cfg, method, train, evalset, beta=beta(cfg), **dpo_loss(cfg),
                                        use_weighting=cfg.dpo_use_weighting, padding_free=cfg.dpo_padding_free,
                                        precompute_ref_log_probs=cfg.precompute_ref_log_probs))
     return make_trainer(_dpo_trainer_class(), cfg, method, model, tokenizer, args, train, evalset, callbacks,
@@ -70,7 +70,7 @@ def ipo_smoothing_note(cfg, found):
     if cfg.rl == "ipo" and cfg.dpo_label_smoothing:
         found.note(("dpo_label_smoothing",), "`dpo_label_smoothing` does not apply to IPO; ignored")
 
-_DPO_FACTS = dict(data="pairs", reference=True, reads=("rl_beta", "dpo_", "rpo_alpha", "precompute_ref_log_probs"),
+_DPO_FACTS = dict(data="pairs", reference=True, counts_tokens=True, reads=("rl_beta", "dpo_", "rpo_alpha", "precompute_ref_log_probs"),
                   trl_keys=("beta",), panels=DPO_PANELS, rules=PREFERENCE_RULES, figures=PAIR_FIGURES,
                   checks=(ipo_smoothing_note,))
 register_method("dpo", build_dpo, description="direct preference optimisation on chosen/rejected pairs", **_DPO_FACTS)
@@ -93,14 +93,14 @@ KTO_PANELS = preference_panels([Panel("KL", [("log", "kl", "train"), ("eval", "e
 def build_kto(cfg, method, model, tokenizer, prepared, callbacks=()):
     from trl import KTOConfig
     train, evalset = select(prepared.train, KTO_COLUMNS), select(prepared.eval, KTO_COLUMNS)
-    args = KTOConfig(**preference_args(cfg, train, evalset, beta=beta(cfg), desirable_weight=cfg.kto_desirable_weight,
+    args = KTOConfig(**preference_args(cfg, method, train, evalset, beta=beta(cfg), desirable_weight=cfg.kto_desirable_weight,
                                        undesirable_weight=cfg.kto_undesirable_weight,
                                        precompute_ref_log_probs=cfg.precompute_ref_log_probs))
     return make_trainer(_kto_trainer_class(), cfg, method, model, tokenizer, args, train, evalset, callbacks,
                         ref_model=frozen_reference(cfg, method, model))
 
 register_method("kto", build_kto, description="Kahneman–Tversky optimisation on completions labelled desirable or not",
-                data="unpaired", reference=True, reads=("rl_beta", "kto_", "precompute_ref_log_probs"),
+                data="unpaired", reference=True, counts_tokens=True, reads=("rl_beta", "kto_", "precompute_ref_log_probs"),
                 trl_keys=("beta",), panels=KTO_PANELS, rules=PREFERENCE_RULES, figures=[("kl", "kl", ".3f")])
 
 # %% ../../nbs/methods/03_preference.ipynb #635cb52c
@@ -127,13 +127,13 @@ ORPO_PANELS = preference_panels([
 def build_orpo(cfg, method, model, tokenizer, prepared, callbacks=()):
     from trl.experimental.orpo import ORPOConfig, ORPOTrainer
     train, evalset = select(prepared.train, PAIR_COLUMNS), select(prepared.eval, PAIR_COLUMNS)
-    args = ORPOConfig(**preference_args(cfg, train, evalset, beta=cfg.orpo_alpha))
+    args = ORPOConfig(**preference_args(cfg, method, train, evalset, beta=cfg.orpo_alpha))
     return make_trainer(_pretokenized(ORPOTrainer), cfg, method, model, tokenizer, args, train, evalset, callbacks)
 
 def build_simpo(cfg, method, model, tokenizer, prepared, callbacks=()):
     from trl.experimental.cpo import CPOConfig, CPOTrainer
     train, evalset = select(prepared.train, PAIR_COLUMNS), select(prepared.eval, PAIR_COLUMNS)
-    args = CPOConfig(**preference_args(cfg, train, evalset, loss_type="simpo", beta=beta(cfg),
+    args = CPOConfig(**preference_args(cfg, method, train, evalset, loss_type="simpo", beta=beta(cfg),
                                        simpo_gamma=cfg.simpo_gamma, cpo_alpha=cfg.cpo_alpha if cfg.cpo_alpha is not None else 0.0))
     return make_trainer(_pretokenized(CPOTrainer), cfg, method, model, tokenizer, args, train, evalset, callbacks)
 

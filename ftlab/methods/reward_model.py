@@ -35,7 +35,7 @@ def whole_sequences(ds):
 def build_reward_model(cfg, method, model, tokenizer, prepared, callbacks=()):
     from trl import RewardConfig, RewardTrainer
     train, evalset = whole_sequences(prepared.train), whole_sequences(prepared.eval)
-    args = RewardConfig(**trainer_args(cfg, train, evalset, max_length=cfg.sequence_len))
+    args = RewardConfig(**trainer_args(cfg, method, train, evalset, max_length=cfg.sequence_len))
     trainer = make_trainer(RewardTrainer, cfg, method, model, tokenizer, args, train, evalset, callbacks)
     if cfg.load_in_4bit or cfg.load_in_8bit:
         # TRL stores a quantized model's trainable weights in bf16 (QLoRA's recipe). LoRA layers cast their input to
@@ -79,7 +79,7 @@ def build_process_reward_model(cfg, method, model, tokenizer, prepared, callback
     from transformers import Trainer, TrainingArguments, DataCollatorForTokenClassification
     cols = ["input_ids", "labels"]
     train, evalset = select(prepared.train, cols), select(prepared.eval, cols)
-    args = TrainingArguments(**trainer_args(cfg, train, evalset))
+    args = TrainingArguments(**trainer_args(cfg, method, train, evalset))
     return make_trainer(Trainer, cfg, method, with_adapter(cfg, method, model), tokenizer, args, train, evalset, callbacks,
                         peft=False, data_collator=DataCollatorForTokenClassification(tokenizer), compute_metrics=step_accuracy)
 
@@ -124,7 +124,7 @@ def score_steps(model, tokenizer, cfg, prompt, solutions):
     return out[0] if single else out
 
 register_method("reward_model", build_reward_model, description="outcome reward model: one score per sequence, trained on preference pairs",
-                data="pairs", head=OUTCOME_HEAD, panels=REWARD_PANELS, rules=REWARD_RULES,
+                data="pairs", head=OUTCOME_HEAD, counts_tokens=True, panels=REWARD_PANELS, rules=REWARD_RULES,
                 figures=[("accuracy", "pair acc", ".2f")], score=score_outcome)
 register_method("process_reward_model", build_process_reward_model,
                 description="process reward model: a correct/incorrect verdict at the end of each reasoning step",

@@ -29,16 +29,16 @@ def build_sft(cfg, method, model, tokenizer, prepared, callbacks=()):
         # Streamed rows come packed, with their documents' lengths (`seq_lengths`, as TRL's own packing writes them):
         # TRL prepares nothing, and its padding-free collator restarts position_ids at each document.
         train, packed = prepared.train, prepared.stream.packed
-        args = SFTConfig(**trainer_args(cfg, train, evalset), max_length=cfg.sequence_len, packing=packed,
+        args = SFTConfig(**trainer_args(cfg, method, train, evalset), max_length=cfg.sequence_len, packing=packed,
                          packing_strategy="bfd", padding_free=packed, dataset_kwargs={"skip_prepare_dataset": True})
         return make_trainer(SFTTrainer, cfg, method, model, tokenizer, args, train, evalset, callbacks)
     train = select(prepared.train, TRAIN_COLUMNS)
     packing = bool(cfg.sample_packing)
     eval_packing = cfg.eval_sample_packing if cfg.eval_sample_packing is not None else cfg.sample_packing
-    args = SFTConfig(**trainer_args(cfg, train, evalset), max_length=cfg.sequence_len, packing=packing,
+    args = SFTConfig(**trainer_args(cfg, method, train, evalset), max_length=cfg.sequence_len, packing=packing,
                      packing_strategy="bfd", padding_free=packing, dataset_kwargs={"skip_prepare_dataset": False},
                      eval_packing=bool(eval_packing))
     return make_trainer(SFTTrainer, cfg, method, model, tokenizer, args, train, evalset, callbacks)
 
 register_method("sft", build_sft, description="supervised fine-tuning on prepared input_ids / labels", data="sft",
-                packing=True, streams=True, panels=SFT_PANELS, rules=SFT_RULES)
+                packing=True, streams=True, counts_tokens=True, panels=SFT_PANELS, rules=SFT_RULES)

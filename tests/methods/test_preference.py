@@ -6,6 +6,7 @@ from ftlab.assets import embedded_path
 from ftlab.config import load_config
 from ftlab.errors import ConfigError, DataError
 from ftlab.events import read_metrics
+from ftlab.methods import get_method
 from ftlab.prepare import prepare_datasets
 from ftlab.run import Run
 
@@ -139,6 +140,9 @@ def test_each_method_trains_from_the_command_line(tmp_path, capsys, method, data
     assert "step 2 · loss" in out and "done:" in out
     recs = read_metrics(tmp_path / "out")
     assert [r["step"] for r in recs if r["event"] == "log"] == [1, 2] and any(r["event"] == "eval" for r in recs)
+    # the progress line's tokens per second, from the trainer's own count of the tokens where it keeps one
+    if get_method(load_config(path)).counts_tokens:
+        assert [r.get("tokens_per_second", 0) > 0 for r in recs if r["event"] == "log"][1:] == [True]
 
 
 # --- data: what each kind of example holds
