@@ -36,6 +36,8 @@ of k, so every figure is per optimizer step):
   weight-read ms  the trained model's parameter bytes / the memory bandwidth measured in the same process (a
                   device-to-device copy of `--bw-mib` MiB: bytes read + written / time)
   ratio           decode ms / weight-read ms: how far one decoding step is from reading the weights once
+  sampler step    ftlab's sampler only: one decoding step alone (its CUDA graph replayed after a prefill, the
+                  fastest of 3 passes over the completion length), and that over weight-read ms
 
 Writes `$OUT/grpo_bench.jsonl` and `grpo_bench.md` (or `--out-dir`). Prints `BENCH_RESULT {json}` per row.
 """
@@ -215,6 +217,34 @@ def summarize(meter, s: dict, a, bandwidth: float, weight_bytes: int) -> dict:
     return out
 
 
+def sampler_step_ms(trainer, a, reps: int = 3) -> float | None:
+    """One decoding step of ftlab's sampler alone, in ms: after a prefill, its recorded step (the CUDA graph; on a CPU
+    the same steps run one by one) repeated over the completion length, `reps` times, the fastest kept. No prefill,
+    no setup and no merge refresh inside, unlike `decode ms`. None where the row did not sample with it."""
+    import contextlib, torch
+    sampler = getattr(trainer, "sampler", None)
+    if sampler is None or not sampler.decoders: return None
+    d = next(reversed(sampler.decoders.values()))         # the shape the measured steps used
+    batch, n = d.tok.shape[0], d.s.max_new_tokens - 1
+    if n < 1: return None
+    dev = d.tok.device
+    ids = torch.randint(0, trainer.model.config.vocab_size, (batch, a.prompt_len), device=dev)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    model, was = trainer.model, trainer.model.training
+    best = None
+    model.eval()
+    try:
+        with torch.no_grad(), (sampler.merged.applied() if sampler.merged else contextlib.nullcontext()):
+            for _ in range(reps):
+                d.prefill(ids, torch.ones_like(ids))
+                sync(); t = time.perf_counter()
+                for _ in range(n): d.graph.replay() if d.graph is not None else d.step()
+                sync(); ms = 1000 * (time.perf_counter() - t) / n
+                best = ms if best is None else min(best, ms)
+    finally: model.train(was)
+    return round(best, 3)
+
+
 def one_row(a) -> dict:
     "One row, in this process."
     impl, trl_extra, gen_k, what = row_spec(a)
@@ -246,6 +276,12 @@ def one_row(a) -> dict:
         weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         row.update(summarize(meter, s, a, bandwidth, weight_bytes))
         row["liger"] = bool(getattr(trainer.args, "use_liger_kernel", False))
+        try:
+            row["sampler_step_ms"] = sampler_step_ms(trainer, a)
+            if row["sampler_step_ms"] and row.get("weight_read_ms"):
+                row["sampler_step_over_weight_read"] = round(row["sampler_step_ms"] / row["weight_read_ms"], 2)
+        except Exception as e:  # informative only
+            row["sampler_step_error"] = f"{type(e).__name__}: {e}"
         try:
             from ftlab.kernels.lora import fused_lora_summary
             row["fused_lora_layers"] = len(fused_lora_summary(model)["patched"])
@@ -335,8 +371,9 @@ def render(rows: list[dict], command: str) -> str:
              f"{v.get('trl')}. Seconds per optimizer step (mean over the measured steps); `× trl`: generation tokens/s "
              "over the trl row's.", "",
              "| row | status | step s | generation s | rewards s | log-probs s | update s | gen tok/s | × trl | "
-             "decode ms | weight-read ms | decode / weight-read | GB/s | completion len | peak GiB |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "decode ms | weight-read ms | decode / weight-read | sampler step ms | step / weight-read | GB/s | "
+             "completion len | peak GiB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         f = lambda k: "–" if r.get(k) is None else r[k]
         x = (f"{r['gen_tokens_per_s'] / ref['gen_tokens_per_s']:.2f}" if ref and r.get("gen_tokens_per_s") and
@@ -344,7 +381,8 @@ def render(rows: list[dict], command: str) -> str:
         status = r.get("status") + (f" ({r['error'][:80]})" if r.get("error") else "")
         lines.append(f"| {r['row']} | {status} | {f('step_s')} | {f('generation_s')} | {f('rewards_s')} | {f('logprobs_s')} | "
                      f"{f('update_s')} | {f('gen_tokens_per_s')} | {x} | {f('decode_ms')} | {f('weight_read_ms')} | "
-                     f"{f('decode_over_weight_read')} | {f('bandwidth_gb_s')} | {f('completion_len_mean')} | {f('peak_alloc_gib')} |")
+                     f"{f('decode_over_weight_read')} | {f('sampler_step_ms')} | {f('sampler_step_over_weight_read')} | "
+                     f"{f('bandwidth_gb_s')} | {f('completion_len_mean')} | {f('peak_alloc_gib')} |")
     lines += ["", "GB/s: the memory bandwidth a device copy reached in that row's process; weight-read ms = the trained "
               "model's parameter bytes / it."]
     lines += ["", "Rows: " + "; ".join(f"`{r['row']}` {r.get('what')}" for r in rows)]

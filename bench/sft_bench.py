@@ -275,10 +275,12 @@ def profile_callback(start_step: int, n_steps: int, out_dir: str, tag: str):
             if self.prof is not None and self.summary is None and state.global_step == start_step + n_steps:
                 if torch.cuda.is_available(): torch.cuda.synchronize()
                 self.prof.__exit__(None, None, None)
-                # Kernels only: operator rows (aten::mm, ...) carry their kernels' time too and would count it twice.
+                # Kernels only: operator rows (aten::mm, ...) carry their kernels' time too and would count it twice,
+                # and so do the ranges the trainer names (`Optimizer.step#AdamW.step`, `ProfilerStep#3`).
                 cuda = torch.autograd.DeviceType.CUDA
                 events = [e for e in self.prof.key_averages()
-                          if getattr(e, "self_device_time_total", 0) > 0 and getattr(e, "device_type", None) == cuda]
+                          if getattr(e, "self_device_time_total", 0) > 0 and getattr(e, "device_type", None) == cuda
+                          and "#" not in e.key]
                 total = sum(e.self_device_time_total for e in events) or 1
                 cats = {}
                 for e in events:

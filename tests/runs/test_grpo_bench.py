@@ -13,9 +13,10 @@ def test_grpo_bench_rows_on_the_tiny_model(tmp_path):
     out = tmp_path / "out"
     code = gb.main(["--model", "tiny", "--device", "cpu", "--rows", "trl,ftlab-gen4", "--in-process", "--cache", str(tmp_path),
                     "--out-dir", str(out), "--prompt-len", "8", "--completion-len", "8", "--generations", "4",
-                    "--warmup", "1", "--steps", "2", "--bw-mib", "16"])
+                    "--warmup", "1", "--steps", "2", "--bw-mib", "16",
+                    "--variant", "sampler:ftlab-gen4:trl.sampler=graphs"])
     rows = {r["row"]: r for r in map(json.loads, (out / "grpo_bench.jsonl").read_text().splitlines())}
-    assert code == 0 and set(rows) == {"trl", "ftlab-gen4"}
+    assert code == 0 and set(rows) == {"trl", "ftlab-gen4", "sampler"}
     for r in rows.values():
         assert r["status"] == "ok", r.get("error")
         assert all(r[f"{p}_s"] > 0 for p in ("generation", "update", "step")) and r["rewards_s"] >= 0
@@ -26,6 +27,12 @@ def test_grpo_bench_rows_on_the_tiny_model(tmp_path):
     assert (trl["warmup"], trl["steps"], trl["generate_calls"], trl["generation_batch"]) == (1, 2, 2, 4)
     # a 4x generation batch: warm-up and measured steps round up to whole periods, one generate call per 4 steps
     assert (gen4["warmup"], gen4["steps"], gen4["generate_calls"], gen4["generation_batch"]) == (4, 4, 1, 16)
+    # ftlab's sampler timed alone (asked for: on a CPU it runs without graphs, the same steps one by one); the rows
+    # that generate with transformers have no sampler to time
+    own = rows["sampler"]
+    assert own["sampler_step_ms"] > 0 and "sampler_step_error" not in own
+    assert own["sampler_step_over_weight_read"] == round(own["sampler_step_ms"] / own["weight_read_ms"], 2)
+    assert trl.get("sampler_step_ms") is None and gen4.get("sampler_step_ms") is None
     assert "generation_batch_size: 16" in gen4["ftlab_config"] and "min_new_tokens: 8" in gen4["ftlab_config"]
     md = (out / "grpo_bench.md").read_text()
-    assert "| trl | ok |" in md and "| ftlab-gen4 | ok |" in md and "decode / weight-read" in md
+    assert "| trl | ok |" in md and "| ftlab-gen4 | ok |" in md and "decode / weight-read" in md and "sampler step ms" in md
