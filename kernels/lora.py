@@ -51,12 +51,12 @@ SHARED_INPUT = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
 
 def _dequantize(W, quant_state, dtype):
-    "The dense weight in `dtype`: `W` itself (cast if needed), or the dequantized 4-bit weight."
+    """The dense weight in `dtype`: `W` itself (cast if needed), or the dequantized 4-bit weight (NF4 on a GPU: one
+    launch of `kernels/nf4.py`, written straight in `dtype`; bitsandbytes' own dequantization elsewhere)."""
     if quant_state is None:
         return W if W.dtype == dtype else W.to(dtype)
-    import bitsandbytes.functional as bnbf
-    Wd = bnbf.dequantize_4bit(W, quant_state)
-    return Wd if Wd.dtype == dtype else Wd.to(dtype)
+    from .nf4 import dequantize_nf4
+    return dequantize_nf4(W, quant_state, dtype)
 
 
 def _scaled_mm(a, b, s):

@@ -1,0 +1,96 @@
+"""NF4 weights back to 16 bits in one Triton launch, with the same values as bitsandbytes.
+
+The fused LoRA projections (`kernels/lora.py`) dequantize each 4-bit base weight twice a step, once in the forward
+and once in the backward. bitsandbytes does it in three launches for a double-quantized weight: the 8-bit absmax
+back to float32 (`kDequantizeBlockwise<float>`), the offset added, then the 4-bit values
+(`kDequantizeBlockwise<bf16>`). On an H200 that took 6.8% of a QLoRA Llama-3.1-8B step (bench/results, profile
+`h200-cmd32`), about twice what the bytes moved need. Here one program handles `ROWS` blocks of 64 values: it decodes
+each block's scale once (`code2[absmax_q] * absmax2[block // blocksize2] + offset`, rounded like bitsandbytes: the
+product, then the sum) and writes `code[nibble] * scale` in the output dtype, the high nibble of each byte first.
+
+`dequantize_nf4(W, quant_state, dtype)` takes a bitsandbytes 4-bit weight (any storage dtype: FSDP-style storage in
+bf16 is bytes all the same) and its `QuantState`; it falls back to bitsandbytes for what it does not cover (FP4, a
+weight off the GPU without the interpreter). `available(device)` says where the kernel runs. Tests compare it with
+bitsandbytes bit for bit, on CPU under `TRITON_INTERPRET=1` and on the GPU (tests/kernels/test_nf4.py).
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+__all__ = ["available", "covers", "dequantize_nf4"]
+
+ROWS = 64          # absmax blocks per program: 64 x 64 values, 2 KiB of packed bytes
+
+
+def available(device) -> bool:
+    "Whether the kernel can run on `device`: a CUDA device with Triton, or any device under `TRITON_INTERPRET=1`."
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return torch.device(device).type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def covers(W, quant_state) -> bool:
+    "Whether `dequantize_nf4` computes this weight itself: NF4 with an even block size, where the kernel can run."
+    qs = quant_state
+    return (qs is not None and getattr(qs, "quant_type", None) == "nf4" and qs.blocksize % 2 == 0
+            and (not qs.nested or qs.state2.blocksize & (qs.state2.blocksize - 1) == 0) and available(W.device))
+
+
+@functools.cache
+def _kernel():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def nf4_dequant(packed_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, code_ptr, out_ptr,
+                    n_bytes, n_blocks, n_values,
+                    HALF: tl.constexpr, BLOCK2_SHIFT: tl.constexpr, NESTED: tl.constexpr, ROWS: tl.constexpr):
+        rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+        live = rows < n_blocks
+        if NESTED:   # the block's scale from its 8-bit code, as bitsandbytes computes it: product, then + offset
+            q = tl.load(absmax_ptr + rows, mask=live, other=0).to(tl.int32)
+            scale = tl.load(code2_ptr + q, mask=live, other=0.0) * tl.load(absmax2_ptr + (rows >> BLOCK2_SHIFT), mask=live, other=0.0)
+            scale = scale + tl.load(offset_ptr)
+        else:
+            scale = tl.load(absmax_ptr + rows, mask=live, other=0.0).to(tl.float32)
+        at = rows[:, None] * HALF + tl.arange(0, HALF)[None, :]
+        byte = tl.load(packed_ptr + at, mask=at < n_bytes, other=0).to(tl.int32)
+        high = tl.load(code_ptr + (byte >> 4)) * scale[:, None]
+        low = tl.load(code_ptr + (byte & 15)) * scale[:, None]
+        # element 2i from the high nibble of byte i; rounded to nearest even, as PyTorch and CUDA round
+        values = tl.interleave(high, low).to(out_ptr.dtype.element_ty, fp_downcast_rounding="rtne")
+        out = rows[:, None] * (2 * HALF) + tl.arange(0, 2 * HALF)[None, :]
+        tl.store(out_ptr + out, values, mask=out < n_values)
+
+    return nf4_dequant
+
+
+def dequantize_nf4(W, quant_state, dtype=None):
+    """The dense weight (`quant_state.shape`, in `dtype`, by default the quant state's) of the 4-bit weight `W`:
+    this module's kernel where `covers` says so, bitsandbytes' `dequantize_4bit` elsewhere."""
+    qs = quant_state
+    dtype = dtype or qs.dtype
+    if not covers(W, qs):
+        import bitsandbytes.functional as bnbf
+        out = bnbf.dequantize_4bit(W, qs)
+        return out if out.dtype == dtype else out.to(dtype)
+    packed = W.reshape(-1).view(torch.uint8) if W.dtype != torch.uint8 else W.reshape(-1)
+    out = torch.empty(qs.shape, dtype=dtype, device=W.device)
+    n_blocks = -(-out.numel() // qs.blocksize)
+    if qs.nested:
+        absmax, code2, absmax2, offset = qs.absmax, qs.state2.code, qs.state2.absmax, qs.offset.reshape(1).float()
+        shift = qs.state2.blocksize.bit_length() - 1
+    else:
+        absmax, shift = qs.absmax, 0
+        code2 = absmax2 = offset = absmax            # not read
+    import triton
+    _kernel()[(triton.cdiv(n_blocks, ROWS),)](
+        packed, absmax, code2, absmax2, offset, qs.code, out, packed.numel(), n_blocks, out.numel(),
+        HALF=qs.blocksize // 2, BLOCK2_SHIFT=shift, NESTED=bool(qs.nested), ROWS=ROWS,
+        num_warps=4, enable_fp_fusion=False)   # no fused multiply-add: the two roundings bitsandbytes makes
+    return out
