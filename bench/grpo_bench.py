@@ -37,7 +37,8 @@ of k, so every figure is per optimizer step):
                   device-to-device copy of `--bw-mib` MiB: bytes read + written / time)
   ratio           decode ms / weight-read ms: how far one decoding step is from reading the weights once
   sampler step    ftlab's sampler only: one decoding step alone (its CUDA graph replayed after a prefill, the
-                  fastest of 3 passes over the completion length), and that over weight-read ms
+                  fastest of 3 passes over the completion length), and that over weight-read ms; with
+                  `--profile-decode DIR`, the kernels of one step (DIR/decode-profile-ROW.md)
 
 Writes `$OUT/grpo_bench.jsonl` and `grpo_bench.md` (or `--out-dir`). Prints `BENCH_RESULT {json}` per row.
 """
@@ -217,21 +218,23 @@ def summarize(meter, s: dict, a, bandwidth: float, weight_bytes: int) -> dict:
     return out
 
 
-def sampler_step_ms(trainer, a, reps: int = 3) -> float | None:
-    """One decoding step of ftlab's sampler alone, in ms: after a prefill, its recorded step (the CUDA graph; on a CPU
-    the same steps run one by one) repeated over the completion length, `reps` times, the fastest kept. No prefill,
-    no setup and no merge refresh inside, unlike `decode ms`. None where the row did not sample with it."""
+def sampler_step(trainer, a, reps: int = 3) -> dict:
+    """One decoding step of ftlab's sampler alone: after a prefill, its recorded step (the CUDA graph; on a CPU the
+    same steps run one by one) repeated over the completion length, `reps` times, the fastest kept (`sampler_step_ms`).
+    No prefill, setup or merge refresh inside, unlike `decode ms`. With `--profile-decode DIR`, one step run eagerly
+    under the profiler too: its kernels, how many and their summed GPU time (`decode_kernels_per_step`,
+    `decode_kernel_ms_per_step`), and `DIR/decode-profile-ROW.md`. Empty where the row did not sample with it."""
     import contextlib, torch
     sampler = getattr(trainer, "sampler", None)
-    if sampler is None or not sampler.decoders: return None
+    if sampler is None or not sampler.decoders: return {}
     d = next(reversed(sampler.decoders.values()))         # the shape the measured steps used
     batch, n = d.tok.shape[0], d.s.max_new_tokens - 1
-    if n < 1: return None
+    if n < 1: return {}
     dev = d.tok.device
     ids = torch.randint(0, trainer.model.config.vocab_size, (batch, a.prompt_len), device=dev)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     model, was = trainer.model, trainer.model.training
-    best = None
+    out, best = {}, None
     model.eval()
     try:
         with torch.no_grad(), (sampler.merged.applied() if sampler.merged else contextlib.nullcontext()):
@@ -241,8 +244,36 @@ def sampler_step_ms(trainer, a, reps: int = 3) -> float | None:
                 for _ in range(n): d.graph.replay() if d.graph is not None else d.step()
                 sync(); ms = 1000 * (time.perf_counter() - t) / n
                 best = ms if best is None else min(best, ms)
+            out["sampler_step_ms"] = round(best, 3)
+            if a.profile_decode:
+                d.prefill(ids, torch.ones_like(ids))
+                sync()
+                acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+                with torch.profiler.profile(activities=acts) as prof:
+                    d.step(); sync()
+                out.update(decode_profile(prof, a, d.graph is not None, best))
     finally: model.train(was)
-    return round(best, 3)
+    return out
+
+
+def decode_profile(prof, a, graphs: bool, step_ms: float) -> dict:
+    "The kernels of one eager decoding step (count, summed GPU time, the longest by name) and their table, written out."
+    import torch
+    cuda = torch.autograd.DeviceType.CUDA
+    ks = [e for e in prof.key_averages() if getattr(e, "device_type", None) == cuda
+          and getattr(e, "self_device_time_total", 0) > 0 and "#" not in e.key]
+    n, us = sum(e.count for e in ks), sum(e.self_device_time_total for e in ks)
+    out = {"decode_kernels_per_step": n, "decode_kernel_ms_per_step": round(us / 1000, 3)}
+    lines = [f"{a.model} {a.row}: the kernels of one decoding step run eagerly (the recorded graph runs the same ones); "
+             f"{n} kernels, {us / 1000:.3f} ms of GPU time in all; the recorded step takes {step_ms:.3f} ms"
+             + ("" if graphs else " (no graph: eager steps)"), "",
+             "| ms | share | launches | kernel |", "|---|---|---|---|"]
+    lines += [f"| {e.self_device_time_total / 1000:.3f} | {100 * e.self_device_time_total / max(us, 1):.1f}% | {e.count} | "
+              f"`{e.key[:100]}` |" for e in sorted(ks, key=lambda e: -e.self_device_time_total)[:40]]
+    folder = Path(a.profile_decode)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"decode-profile-{a.row}.md").write_text("\n".join(lines) + "\n")
+    return out
 
 
 def one_row(a) -> dict:
@@ -277,8 +308,8 @@ def one_row(a) -> dict:
         row.update(summarize(meter, s, a, bandwidth, weight_bytes))
         row["liger"] = bool(getattr(trainer.args, "use_liger_kernel", False))
         try:
-            row["sampler_step_ms"] = sampler_step_ms(trainer, a)
-            if row["sampler_step_ms"] and row.get("weight_read_ms"):
+            row.update(sampler_step(trainer, a))
+            if row.get("sampler_step_ms") and row.get("weight_read_ms"):
                 row["sampler_step_over_weight_read"] = round(row["sampler_step_ms"] / row["weight_read_ms"], 2)
         except Exception as e:  # informative only
             row["sampler_step_error"] = f"{type(e).__name__}: {e}"
@@ -335,6 +366,7 @@ def child_args(a, row: str, variant: tuple | None = None) -> list[str]:
            "--warmup", str(a.warmup), "--steps", str(a.steps), "--cache", a.cache, "--seed", str(a.seed),
            "--bw-mib", str(a.bw_mib)]
     if a.grad_ckpt: out.append("--grad-ckpt")
+    if a.profile_decode: out += ["--profile-decode", a.profile_decode]
     if variant is not None:
         base, k, sets = variant
         out += ["--base", base] + (["--gen-factor", str(k)] if k else [])
@@ -455,6 +487,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--out-dir", default=None, help="default $OUT, else CACHE/out")
     ap.add_argument("--in-process", action="store_true", help="run the rows in this process (CPU checks, tests)")
     ap.add_argument("--print-config", action="store_true", help="print each ftlab row's YAML")
+    ap.add_argument("--profile-decode", metavar="DIR", help="profile one decoding step of ftlab's sampler per row: "
+                    "DIR/decode-profile-ROW.md (its kernels)")
     # one row (what the command runs in each child)
     ap.add_argument("--row", help=argparse.SUPPRESS)
     ap.add_argument("--base", help=argparse.SUPPRESS)

@@ -14,7 +14,7 @@ def test_grpo_bench_rows_on_the_tiny_model(tmp_path):
     code = gb.main(["--model", "tiny", "--device", "cpu", "--rows", "trl,ftlab-gen4", "--in-process", "--cache", str(tmp_path),
                     "--out-dir", str(out), "--prompt-len", "8", "--completion-len", "8", "--generations", "4",
                     "--warmup", "1", "--steps", "2", "--bw-mib", "16",
-                    "--variant", "sampler:ftlab-gen4:trl.sampler=graphs"])
+                    "--variant", "sampler:ftlab-gen4:trl.sampler=graphs", "--profile-decode", str(tmp_path / "prof")])
     rows = {r["row"]: r for r in map(json.loads, (out / "grpo_bench.jsonl").read_text().splitlines())}
     assert code == 0 and set(rows) == {"trl", "ftlab-gen4", "sampler"}
     for r in rows.values():
@@ -33,6 +33,8 @@ def test_grpo_bench_rows_on_the_tiny_model(tmp_path):
     assert own["sampler_step_ms"] > 0 and "sampler_step_error" not in own
     assert own["sampler_step_over_weight_read"] == round(own["sampler_step_ms"] / own["weight_read_ms"], 2)
     assert trl.get("sampler_step_ms") is None and gen4.get("sampler_step_ms") is None
+    # one eager step profiled: no CUDA kernels on a CPU, but the table is written for the row that sampled
+    assert own["decode_kernels_per_step"] == 0 and [p.name for p in (tmp_path / "prof").iterdir()] == ["decode-profile-sampler.md"]
     assert "generation_batch_size: 16" in gen4["ftlab_config"] and "min_new_tokens: 8" in gen4["ftlab_config"]
     md = (out / "grpo_bench.md").read_text()
     assert "| trl | ok |" in md and "| ftlab-gen4 | ok |" in md and "decode / weight-read" in md and "sampler step ms" in md
