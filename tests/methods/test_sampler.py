@@ -269,3 +269,45 @@ def test_cuda_graphs_with_merged_lora_sample_what_generate_samples(dtype):
         if dtype == torch.float32: assert ours == theirs
     finally:
         model.unmerge_adapter()
+
+
+@pytest.mark.gpu
+def test_qlora_samples_the_same_with_merged_copies_as_with_its_4bit_layers(tmp_path):
+    """A small random Llama loaded in 4 bits (NF4) with LoRA and ftlab's fused kernels: each merged copy is the
+    dequantized base weight plus the adapter's delta, and greedy completions from the merged copies are those of the
+    4-bit layers themselves (`merge=0`: the fused 4-bit projections, dequantizing with `kernels/nf4.py`), except where
+    a tie of bf16 logits breaks either way."""
+    from peft import LoraConfig, get_peft_model
+    from peft.utils.integrations import dequantize_bnb_weight
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, GenerationConfig, LlamaConfig, LlamaForCausalLM
+    from ftlab.kernels.lora import apply_fused_lora
+    from ftlab.methods.sampler import sample_settings
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=1024, max_position_embeddings=512, bos_token_id=1,
+                         eos_token_id=2, pad_token_id=0)
+    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(tmp_path / "m")
+    q4 = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                            bnb_4bit_compute_dtype=torch.bfloat16)
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "m", quantization_config=q4, dtype=torch.bfloat16, device_map={"": 0})
+    model = get_peft_model(base, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear")).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name: p.normal_(std=0.02)
+    assert apply_fused_lora(model) == 7 * config.num_hidden_layers
+    prompts = [[5 + (7 * i + 3 * n) % 1000 for i in range(n)] for n in (9, 4, 17, 2, 30, 1, 12, 6)]
+    settings = sample_settings(GenerationConfig(max_new_tokens=32, do_sample=False, eos_token_id=[2], pad_token_id=0))[0]
+    merged, apart = GraphSampler(model, settings), GraphSampler(model, settings, merge=0)
+    assert merged.merge_note.startswith("LoRA merged into a") and apart.merged is None
+    ours, theirs = merged.completions(prompts, 0), apart.completions(prompts, 0)
+    with torch.no_grad():
+        for m, buf in merged.merged.layers:
+            W = m.get_base_layer().weight
+            assert torch.equal(buf, (dequantize_bnb_weight(W, state=W.quant_state) + m.get_delta_weight("default")).to(buf.dtype))
+        for p, a, b in zip(prompts, ours, theirs):
+            if a == b: continue
+            k = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+            assert k < min(len(a), len(b)), (a, b)
+            logits = model(torch.tensor([p + a[:k]], device="cuda")).logits[0, -1].float()
+            tol = 8 * torch.finfo(torch.bfloat16).eps * logits.abs().max()
+            assert logits.max() - logits[a[k]] <= tol and logits.max() - logits[b[k]] <= tol, (k, a, b)
