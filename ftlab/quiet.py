@@ -22,3 +22,5 @@ def quiet_libraries():
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     # TRL's trainers deprecate `use_liger_kernel` for Hub kernels (a download); ftlab switches it on by default on a GPU
     warnings.filterwarnings("ignore", message=".*use_liger_kernel=True. is deprecated.*", category=FutureWarning)
+    # ORPO and SimPO run on TRL's experimental trainers on purpose, at the TRL version ftlab pins
+    warnings.filterwarnings("ignore", message="You are importing from 'trl.experimental'")
