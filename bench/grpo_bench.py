@@ -230,6 +230,8 @@ def sampler_step(trainer, a, reps: int = 3) -> dict:
     d = next(reversed(sampler.decoders.values()))         # the shape the measured steps used
     batch, n = d.tok.shape[0], d.s.max_new_tokens - 1
     if n < 1: return {}
+    # the decoder's cache holds the prompt and the completion: a longer prompt would replay past its end
+    assert a.prompt_len + d.s.max_new_tokens <= d.length, (a.prompt_len, d.s.max_new_tokens, d.length)
     dev = d.tok.device
     ids = torch.randint(0, trainer.model.config.vocab_size, (batch, a.prompt_len), device=dev)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)

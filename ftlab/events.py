@@ -128,9 +128,10 @@ def event_callback(emit):
                    "time": round(time.time() - self.t0, 3), **logs}
             if not is_eval:
                 # the trainer's own count where it logs one (ftlab then does not ask transformers to count: see
-                # `Method.counts_tokens`), else transformers'
+                # `Method.counts_tokens`), else transformers'. GRPO's trainer keeps its count in the state itself,
+                # which a resumed run restores: that one is measured from the state's count at the start
                 now, counted, own = time.time(), state.num_input_tokens_seen or 0, logs.get("num_tokens")
-                seen, before = (counted, self.last[1]) if own is None else (own, self.last[2])
+                seen, before = (counted, self.last[1]) if own is None or own == counted else (own, self.last[2])
                 if now > self.last[0] and seen > before:
                     rec["tokens_per_second"] = round((seen - before) / (now - self.last[0]), 1)
                 self.last = (now, counted, self.last[2] if own is None else own)

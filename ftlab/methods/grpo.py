@@ -210,13 +210,13 @@ OWN_KEYS = {"reward_funcs", "rollout_func", "max_prompt_length", "log_completion
 # generation_kwargs that TRL's constructor cannot take (it fixes `disable_compile=True`); `fit_generation` sets them
 AFTER_BUILD = ("disable_compile", "compile_config")
 
-def grpo_args(cfg, n_train: int, has_eval: bool) -> dict:
-    "GRPOConfig keyword arguments from the shared training arguments and the `trl:` section."
+def grpo_args(cfg, n_train: int, has_eval: bool, method=None) -> dict:
+    "GRPOConfig keyword arguments from the shared training arguments (`method`: its registry entry) and the `trl:` section."
     import dataclasses
     from trl import GRPOConfig
     fields = {f.name for f in dataclasses.fields(GRPOConfig)}
     t = cfg.trl
-    kw = dict(training_args(cfg, n_train, has_eval), remove_unused_columns=False, log_completions=False)
+    kw = dict(training_args(cfg, n_train, has_eval, method), remove_unused_columns=False, log_completions=False)
     if t.beta is None and cfg.rl_beta is not None: kw["beta"] = cfg.rl_beta   # axolotl's older spelling
     kw.update({k: v for k, v in t.model_dump(exclude_none=True).items() if k in fields and k not in OWN_KEYS})
     if t.scale_rewards is not None: kw["scale_rewards"] = {True: "group", False: "none"}.get(t.scale_rewards, t.scale_rewards)
@@ -352,7 +352,7 @@ def match_reference_vocab(trainer):
 def build_grpo(cfg, method, model, tokenizer, prepared, callbacks=(), reward_funcs=None, rollout_func=None):
     from trl import GRPOConfig
     train, evalset = reward_rows(prepared.train), reward_rows(prepared.eval)
-    args = GRPOConfig(**grpo_args(cfg, len(train), evalset is not None))
+    args = GRPOConfig(**grpo_args(cfg, len(train), evalset is not None, method))
     extra = {"rollout_func": rollout_func} if rollout_func is not None else {}
     say = next((c.say for c in callbacks if hasattr(c, "say")), print)
     funcs = list(reward_funcs or [])
@@ -365,6 +365,6 @@ def build_grpo(cfg, method, model, tokenizer, prepared, callbacks=(), reward_fun
 
 for _name, _desc in (("grpo", "group relative policy optimisation: sampled completions scored by reward functions"),
                      ("gdpo", "GRPO with each reward normalised before they are summed")):
-    register_method(_name, build_grpo, description=_desc, data="prompts", reads=("rl_beta",), trl_keys=None,
+    register_method(_name, build_grpo, description=_desc, data="prompts", reads=("rl_beta",), trl_keys=None, counts_tokens=True,
                     sections=("vllm",), checks=(reward_functions_given, generation_groups, generation_options), panels=GRPO_PANELS,
                     rules=GRPO_RULES, figures=[("reward", "reward", ".3f"), ("kl", "kl", ".3f")], preflight=grpo_preflight)

@@ -39,8 +39,9 @@ class Method:
     data: str = "sft"      # the kind of rows it trains on: a kind of `ftlab.strategies.STRATEGY_KINDS`
     packing: bool = False  # whether `sample_packing` may put several rows in one sequence
     streams: bool = False  # whether it trains on `pretraining_dataset`: raw text streamed and packed while training
-    # whether its trainer logs `num_tokens`, its own running count of the tokens trained on: then transformers is not
-    # asked to count them too (its count waits for the GPU once per step, between the backward and the clipping)
+    # whether its trainer counts the tokens it trains on itself (and logs the count as `num_tokens`): then
+    # transformers is not asked to count them too (its count waits for the GPU once per micro-batch, between the
+    # backward and the clipping)
     counts_tokens: bool = False
     reference: bool = False  # trains against a frozen reference (LoRA: the base, adapter off; full FT: a frozen copy)
     head: Head = LM_HEAD

@@ -61,6 +61,16 @@ for shape in [(256, 192), (100, 72), (7, 10), (3, 4096 * 3 + 64)]:     # whole b
                     if device == "cuda": assert torch.equal(got, lib), (shape, nested, storage, ulps(got, lib))
                     else: assert ulps(got, lib) <= 2, (shape, nested, storage, ulps(got, lib))
                 cases += 1
+# other block sizes bitsandbytes offers (its own CPU kernels are off at these, so only the CUDA arithmetic is the reference)
+for bs in (32, 128, 256, 4096):
+    W = (torch.randn(40, 4096 // 8, generator=gen) * 0.05).to(device=device, dtype=torch.bfloat16)
+    q, qs = bnbf.quantize_4bit(W, blocksize=bs, compress_statistics=True, quant_type="nf4")
+    assert nf4.covers(q, qs)
+    assert torch.equal(nf4.dequantize_nf4(q, qs, torch.float32), cuda_arithmetic(q, qs, torch.float32)), bs
+    if device == "cuda": assert torch.equal(nf4.dequantize_nf4(q, qs), bnbf.dequantize_4bit(q, qs)), bs
+    cases += 1
+if device == "cuda":    # the first weight was checked against bitsandbytes, and the kernel kept
+    assert nf4.verified == {torch.cuda.current_device(): True}, nf4.verified
 print("CHECKED nf4 equals bitsandbytes", cases, flush=True)
 
 q, qs = bnbf.quantize_4bit(torch.randn(64, 64, device=device, dtype=torch.bfloat16), quant_type="fp4")

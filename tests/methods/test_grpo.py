@@ -24,6 +24,7 @@ def test_grpo_trains_and_stores_completions(tmp_path):
     logs = [r for r in read_metrics(run.output_dir) if r["event"] == "log"]
     assert run.state == "finished" and [r["step"] for r in logs] == [1, 2, 3]
     assert all("rewards/count_reward/mean" in r and "frac_reward_zero_std" in r for r in logs)
+    assert all(r["tokens_per_second"] > 0 for r in logs[1:])     # from TRL's own count of prompt and completion tokens
     rows = [json.loads(l) for l in (run.output_dir / "completions.jsonl").read_text().splitlines()]
     assert {r["step"] for r in rows} == {1, 2, 3} and all(len([r for r in rows if r["step"] == s]) == 8 for s in (1, 2, 3))
     r0 = rows[0]
