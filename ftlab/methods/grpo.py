@@ -206,7 +206,8 @@ def wait_for_vllm(cfg, timeout: float | None = None, interval: float = 2.0) -> s
 # %% ../../nbs/methods/05_grpo.ipynb #f67e99fe
 # trl: keys that are not GRPOConfig fields, or mean something else there; the rest pass through by name
 OWN_KEYS = {"reward_funcs", "rollout_func", "max_prompt_length", "log_completions", "num_completions_to_print",
-            "vllm_guided_decoding_regex", "scale_rewards", "use_transformers_paged", "generation_kwargs", "sampler"}
+            "vllm_guided_decoding_regex", "scale_rewards", "use_transformers_paged", "generation_kwargs", "sampler",
+            "sampler_merge_lora"}
 # generation_kwargs that TRL's constructor cannot take (it fixes `disable_compile=True`); `fit_generation` sets them
 AFTER_BUILD = ("disable_compile", "compile_config")
 

@@ -254,7 +254,8 @@ def choose_sampler(trainer, cfg) -> tuple[GraphSampler | None, str | None]:
     if why:
         said = asked == "graphs" or not (t.use_vllm or t.rollout_func)   # where another generator was chosen, nothing to say
         return None, (f"completions are sampled with transformers' `generate`: {why}" if said else None)
-    sampler = GraphSampler(trainer.model, settings, graphs=cuda)
+    merge = {None: MERGE_SHARE, True: 1.0, False: 0}[t.sampler_merge_lora]   # the share of free memory the copy may take
+    sampler = GraphSampler(trainer.model, settings, graphs=cuda, merge=merge)
     how = "CUDA graphs, one per batch shape" if cuda else "no CUDA graphs on a CPU: the same steps, run one by one"
     merge = f"; {sampler.merge_note}" if sampler.merge_note else ""
     return sampler, f"completions are sampled by ftlab's static-cache sampler ({how}){merge}"

@@ -38,6 +38,13 @@ def test_greedy_completions_equal_transformers_generate(tmp_path):
     assert len(a) == 16 and a == b
 
 
+def test_the_config_turns_the_merged_copies_off(tmp_path):
+    "`trl.sampler_merge_lora: false` keeps the LoRA layers as they are while sampling (the copy's memory saved)."
+    run = grpo_run(tmp_path, "  sampler: graphs\n  sampler_merge_lora: false\n", steps=1)
+    assert run.trainer.sampler is not None and run.trainer.sampler.merged is None
+    assert any(n.startswith(SAMPLER_NOTE) for n in notes(run)) and not any("LoRA merged" in n for n in notes(run))
+
+
 def test_sampling_keeps_min_new_tokens_and_varies_within_a_group(tmp_path):
     run = grpo_run(tmp_path, "  sampler: graphs\n  generation_kwargs: {min_new_tokens: 24}\n", steps=1)
     log, = [r for r in read_metrics(run.output_dir) if r["event"] == "log"]
