@@ -115,9 +115,21 @@ def ids_as_trl_row(feature: dict, model=None) -> dict:
     return out
 
 def _pretokenized(trainer_cls):
-    return type(f"Ftlab{trainer_cls.__name__}", (trainer_cls,), {
-        "__doc__": f"{trainer_cls.__name__} on rows ftlab has tokenized already.",
-        "tokenize_row": lambda self, feature, model=None: ids_as_trl_row(feature)})
+    "CPO/ORPO's trainer on rows ftlab has tokenized already, counting the tokens it trains on as TRL's other trainers do."
+    class Pretokenized(trainer_cls):
+        trained_tokens = None      # a device tensor: the steps add to it without waiting, the logs read it
+        def tokenize_row(self, feature, model=None): return ids_as_trl_row(feature)
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if model.training:    # both sequences of each pair, their prompts included, as DPO's trainer counts
+                n = sum(inputs[f"{side}_attention_mask"].sum() for side in ("chosen", "rejected"))
+                self.trained_tokens = n if self.trained_tokens is None else self.trained_tokens + n
+            return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        def log(self, logs, start_time=None):
+            if "loss" in logs and self.trained_tokens is not None:    # every rank logs: a collective is safe here
+                logs["num_tokens"] = float(self.accelerator.gather(self.trained_tokens.reshape(1)).sum())
+            return super().log(logs, start_time)
+    Pretokenized.__name__ = Pretokenized.__qualname__ = f"Ftlab{trainer_cls.__name__}"
+    return Pretokenized
 
 ORPO_PANELS = preference_panels([
     ACCURACY_PANEL,
@@ -138,7 +150,9 @@ def build_simpo(cfg, method, model, tokenizer, prepared, callbacks=()):
     return make_trainer(_pretokenized(CPOTrainer), cfg, method, model, tokenizer, args, train, evalset, callbacks)
 
 register_method("orpo", build_orpo, description="odds-ratio preference optimisation: SFT and preference in one stage, no reference model",
+                counts_tokens=True,
                 data="pairs", reads=("orpo_alpha",), panels=ORPO_PANELS, rules=PREFERENCE_RULES, figures=PAIR_FIGURES)
 register_method("simpo", build_simpo, description="simple preference optimisation: length-normalised rewards, no reference model",
+                counts_tokens=True,
                 data="pairs", reads=("rl_beta", "simpo_gamma", "cpo_alpha"), trl_keys=("beta",), panels=DPO_PANELS,
                 rules=PREFERENCE_RULES, figures=PAIR_FIGURES)
