@@ -20,21 +20,13 @@ first called, so this module imports anywhere; `available(device)` says whether 
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 
+from .triton_device import available
+
 __all__ = ["available", "head_logprobs_reference", "head_logprobs", "feature_rewards_reference", "feature_rewards",
            "reinforce_loss_reference", "reinforce_loss"]
-
-
-def available(device) -> bool:
-    "Whether the fused kernels can run on `device`: a CUDA device with Triton, or any device under `TRITON_INTERPRET=1`."
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return torch.device(device).type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 
 
 # ------------------------------------------------------------------------------------------------ log-probabilities

@@ -25,24 +25,16 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 
 import torch
+
+from .triton_device import available
 
 __all__ = ["available", "covers", "dequantize_nf4"]
 
 log = logging.getLogger(__name__)
 VALUES_PER_PROGRAM = 4096     # 64 blocks of bitsandbytes' default 64 values: 2 KiB of packed bytes a program
 verified: dict = {}            # CUDA device index -> whether the kernel gave bitsandbytes' values there
-
-
-def available(device) -> bool:
-    "Whether the kernel can run on `device`: a CUDA device with Triton, or any device under `TRITON_INTERPRET=1`."
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return torch.device(device).type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def covers(W, quant_state) -> bool:
