@@ -658,7 +658,7 @@ def one_run(a) -> dict:
            "dtype": "bfloat16" if a.device == "cuda" else "float32", "status": "error", "error": None,
            "flops_per_token": fpt, "mfu_factor": round(mode_factor(a.mode), 4), "command": cmd}
     info: dict = {}
-    meter = trainer = None
+    meter = trainer = profiled = counted = None
     workdir = Path(tempfile.mkdtemp(prefix="run-", dir=Path(a.cache)))
     try:
         if a.impl == "unsloth":   # before transformers, TRL and PEFT, which it patches
@@ -679,17 +679,26 @@ def one_run(a) -> dict:
             row["sdpa"] = a.sdpa
         meter = make_meter()
         meter.extra = []
-        if a.profile:
-            meter.extra.append(profile_callback(a.warmup, 2, a.profile, f"{a.model}-{a.mode}-{a.impl}-{a.seq}"))
+        tag = f"{a.model}-{a.mode}-{a.impl}-{a.seq}" + (f"-{a.label}" if a.label else "")
+        profiled = profile_callback(a.warmup, 2, a.profile, tag) if a.profile else None
+        if a.count_syncs:
+            sys.path.insert(0, str(HERE))
+            from host_syncs import sync_callback
+            counted = sync_callback(a.warmup, 2, a.count_syncs, tag)
+        else: counted = None
+        meter.extra = [cb for cb in (profiled, counted) if cb is not None]
         runner = {"ftlab": run_ftlab, "unsloth": run_unsloth}.get(a.impl, run_trl)
         trainer = runner(a, folder, rows, meter, info, workdir)
         row["status"] = "ok"
     except BaseException as e:  # noqa: BLE001 - a failing run is a result too
         record_failure(row, e)
     row.update(info)
-    if meter is not None and meter.extra and meter.extra[0].summary:
-        row["profile_pct"] = meter.extra[0].summary
-        if meter.extra[0].idle: row["profile_idle"] = {k: v for k, v in meter.extra[0].idle.items() if k != "longest_gaps"}
+    if meter is not None and profiled is not None and profiled.summary:
+        row["profile_pct"] = profiled.summary
+        if profiled.idle: row["profile_idle"] = {k: v for k, v in profiled.idle.items() if k != "longest_gaps"}
+    if meter is not None and counted is not None and counted.summary:
+        row["host_syncs_per_step"] = counted.summary["per_step"]
+        row["host_syncs_by_source"] = counted.summary["by_source"]
     if meter is not None:
         row.update(summarize(meter, a.warmup))
         if meter.params: row["params_trainable"], row["params_total"] = meter.params
@@ -813,6 +822,9 @@ def parser() -> argparse.ArgumentParser:
                     help="ftlab's fused LoRA without computing q/k/v and gate/up together (one node per projection)")
     ap.add_argument("--profile", default=None, metavar="DIR",
                     help="profile 2 steps after warm-up with torch.profiler; write DIR/profile-*.md (kernel table)")
+    ap.add_argument("--count-syncs", default=None, metavar="DIR",
+                    help="count the host waits (.item(), bool(tensor), copies to the host, data-dependent shapes) of 2 "
+                         "steps after warm-up by call site; write DIR/syncs-*.md (see bench/host_syncs.py)")
     ap.add_argument("--steps", type=int, default=None, help="measured steps after warm-up (default 20; cpu 3)")
     ap.add_argument("--warmup", type=int, default=None, help="warm-up steps, not measured (default 5; cpu 2)")
     ap.add_argument("--batch", type=int, default=1)
