@@ -615,6 +615,13 @@ def run_ftlab(a, folder: str, rows: list[dict], meter, info: dict, workdir: Path
         import ftlab.kernels.lora as fk
         fk.apply_fused_lora = functools.partial(fk.apply_fused_lora, share_input=False)
         info["ftlab_solo_lora"] = True
+    if getattr(a, "no_grad_walk", False):     # transformers' own two walks of the module tree a step, to compare
+        from transformers import TrainerCallback
+        import ftlab.methods.grad_walk as gw
+        class TransformersWalks(TrainerCallback):
+            def release(self): pass
+        gw.grad_walk_callback = lambda trainer: TransformersWalks()
+        info["ftlab_grad_walk"] = False
 
     run = Run(cfg, namespace={"rows": rows})
     with ftlab_run_hooks(cfg, info, meter):
@@ -820,6 +827,8 @@ def parser() -> argparse.ArgumentParser:
                     help="the only attention backend PyTorch's SDPA may use in this run (default: PyTorch's choice)")
     ap.add_argument("--solo-lora", action="store_true",
                     help="ftlab's fused LoRA without computing q/k/v and gate/up together (one node per projection)")
+    ap.add_argument("--no-grad-walk", action="store_true",
+                    help="ftlab without its one walk of the parameters (ftlab.methods.grad_walk): transformers' walks")
     ap.add_argument("--profile", default=None, metavar="DIR",
                     help="profile 2 steps after warm-up with torch.profiler; write DIR/profile-*.md (kernel table)")
     ap.add_argument("--count-syncs", default=None, metavar="DIR",

@@ -174,6 +174,7 @@ def _fit(self, cfg, method, prepared, extra, ckpt, stop, callbacks):
                              fused_lora_callback, long_context_callback)
     from ftlab.health import HealthMonitor
     from ftlab.methods.kernel_choice import choose_kernels, liger_account
+    from ftlab.methods.grad_walk import grad_walk_callback
     from ftlab.stream import StreamFollower
     transformers.set_seed(cfg.seed)
     self.phase(f"loading the model {cfg.base_model}" + (f" ({cfg.adapter})" if cfg.adapter else " (full fine-tuning)"))
@@ -197,7 +198,8 @@ def _fit(self, cfg, method, prepared, extra, ckpt, stop, callbacks):
                  resumed):
         if note: self.emit({"event": "note", "step": 0, "message": note})
     long_ctx = long_context_callback(cfg, self.emit) if cfg.offload_activations or cfg.tiled_mlp else None
-    for cb in (long_ctx, fused_lora_callback(built)):
+    grads = grad_walk_callback(trainer)      # one walk of the parameters for the clipping and zero_grad
+    for cb in (long_ctx, fused_lora_callback(built), grads):
         if cb: trainer.add_callback(cb)
     # ftlab's observers report progress; the trainer's own printing would say it twice.
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
@@ -228,6 +230,7 @@ def _fit(self, cfg, method, prepared, extra, ckpt, stop, callbacks):
         raise
     finally:
         if long_ctx: long_ctx.release()   # page-locked host memory is not left behind a failed or stopped run
+        grads.release()                   # the model and trainer get their own methods back
     step = trainer.state.global_step
     if events.nan_step is not None:
         self.state = "failed"
