@@ -47,9 +47,11 @@ _NONE = object()
 def walkable(trainer) -> bool:
     "Whether each process holds the whole model (one process, or DDP): where one walk can stand for the loop's two."
     from accelerate.utils import DistributedType
+    from transformers.utils import is_sagemaker_mp_enabled    # its clipping is the optimizer's own
     acc = trainer.accelerator
     return (acc.distributed_type in (DistributedType.NO, DistributedType.MULTI_GPU, DistributedType.MULTI_CPU)
-            and not getattr(acc, "is_fsdp2", False) and getattr(acc.state, "deepspeed_plugin", None) is None)
+            and not getattr(acc, "is_fsdp2", False) and getattr(acc.state, "deepspeed_plugin", None) is None
+            and not is_sagemaker_mp_enabled())
 
 def grad_walk_callback(trainer):
     """A TrainerCallback that, once training begins, zeroes and clips the gradients of `trainer`'s model over one
