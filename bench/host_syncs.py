@@ -71,8 +71,8 @@ def kind_of(func, args, kwargs, on_gpu: bool) -> str | None:
         return "copy" if to_cpu and any(t.is_cuda for t in tensors) else None
     if name == "index" and any(t.dtype == torch.bool for a in args[1:2] for t in (a or []) if isinstance(t, torch.Tensor)):
         name = "nonzero"   # a boolean mask as an index: its output size is the mask's count
-    if name == "repeat_interleave" and "output_size" not in (kwargs or {}) and len(tensors) >= 1:
-        name = "nonzero"
+    if name == "repeat_interleave" and (kwargs or {}).get("output_size") is None:
+        name = "nonzero"   # tensor repeats (int repeats never reach the dispatcher as this operator): a count to read
     kind = "scalar" if name in SCALAR_OPS else "shape" if name in SHAPE_OPS else None
     if kind is None: return None
     if on_gpu and not any(t.is_cuda for t in tensors): return None

@@ -27,14 +27,16 @@ def test_the_counter_sees_what_reads_a_value_or_a_data_dependent_shape_and_nothi
         positive = bool((t > 0).any())
         picked = t[t > 0]
         where_ = torch.nonzero(t)
+        t.repeat_interleave(2)                                           # int repeats: the size is known
+        spread = t.repeat_interleave(torch.full((8,), 2))                # tensor repeats: their sum is read
         mode.counting = False
         t.sum().item()                                                   # not counted any more
-    assert (value, positive, picked.numel(), where_.numel()) == (4.0, True, 4, 7)
-    assert sum(mode.calls.values()) == 4, mode.calls     # each once: `.item()` and `bool()` are one operator each
+    assert (value, positive, picked.numel(), where_.numel(), spread.numel()) == (4.0, True, 4, 7, 16)
+    assert sum(mode.calls.values()) == 5, mode.calls     # each once: `.item()` and `bool()` are one operator each
     assert sorted(k for (_, site, k) in mode.calls if site.startswith("tests/runs/test_host_syncs.py")) == \
-        ["scalar", "scalar", "shape", "shape"], mode.calls
+        ["scalar", "scalar", "shape", "shape", "shape"], mode.calls
     summary = hs.summarize(mode, n_steps=2)
-    assert summary["per_step"] == 2.0 and summary["sites"][0]["per_step"] == 0.5
+    assert summary["per_step"] == 2.5 and summary["sites"][0]["per_step"] == 0.5
 
 
 def test_an_sft_step_waits_only_where_the_libraries_do(tmp_path):
