@@ -33,15 +33,22 @@ LIBRARIES = ("trl", "transformers", "peft", "accelerate", "unsloth", "unsloth_zo
              "kernels", "datasets")
 
 
+def import_name(path: Path) -> str:
+    "`path` as imported: after site-packages, a `pip install --target` folder on `sys.path`, or the repository."
+    if "site-packages" in path.parts: return "/".join(path.parts[path.parts.index("site-packages") + 1:])
+    if path.is_relative_to(ROOT): return path.relative_to(ROOT).as_posix()
+    roots = [r for r in (Path(p or ".").resolve() for p in sys.path) if path.is_relative_to(r) and len(r.parts) > 1]
+    if roots: return path.relative_to(max(roots, key=lambda r: len(r.parts))).as_posix()
+    return "/".join(path.parts[-2:])
+
+
 def where(frame) -> tuple[str, str]:
     "(source, `file:line function`) of the innermost frame outside PyTorch: source names the package it belongs to."
     while frame is not None and any(p in frame.f_code.co_filename for p in SKIP_PARTS):
         frame = frame.f_back
     if frame is None: return "torch", "(inside PyTorch)"
     path = Path(frame.f_code.co_filename).resolve()
-    if "site-packages" in path.parts: short = "/".join(path.parts[path.parts.index("site-packages") + 1:])
-    elif path.is_relative_to(ROOT): short = path.relative_to(ROOT).as_posix()
-    else: short = "/".join(path.parts[-2:])
+    short = import_name(path)
     top = short.split("/")[0]
     source = "bench meter" if short.startswith("bench/") else (top if top in LIBRARIES else "other")
     return source, f"{short}:{frame.f_lineno} {frame.f_code.co_name}"

@@ -38,7 +38,7 @@ import types
 import torch
 
 __all__ = ["LoRALinearFunction", "LoRAGroupFunction", "lora_linear", "lora_group", "lora_reference", "GROUPS",
-           "SHARED_INPUT", "SWIGLU_MLPS", "LoRASwiGLUDownFunction", "lora_eligibility",
+           "SHARED_INPUT", "SharedInput", "SWIGLU_MLPS", "LoRASwiGLUDownFunction", "lora_eligibility",
            "apply_fused_lora", "remove_fused_lora", "fused_lora_summary"]
 
 log = logging.getLogger(__name__)
@@ -361,12 +361,17 @@ def _compute_dtype(m, x):
     return x.dtype
 
 
-class _SharedInput:
-    """Sibling patched layers that read the same input (q/k/v, gate/up): the first one called computes them all and
-    keeps the others' outputs until they are called with that same tensor."""
+class SharedInput:
+    """Sibling layers that read the same input (q/k/v, gate/up: `SHARED_INPUT`): the first one called computes them
+    all (`run`, which a subclass defines and ends with `keep`) and keeps the others' outputs until they are called
+    with that same tensor (`take`)."""
 
     def __init__(self, members):
         self.members = list(members)
+        self.clear()
+
+    def clear(self):
+        "Drop the kept outputs."
         self.x, self.pending, self.grad = None, {}, None
 
     def take(self, m, x):
@@ -377,9 +382,22 @@ class _SharedInput:
             return y
         return None
 
+    def keep(self, m, x, ys):
+        "Keep the outputs `ys` (one per member, in order) computed on `x` for the other members; returns `m`'s."
+        mine, self.pending = None, {}
+        for o, y in zip(self.members, ys):
+            if o is m: mine = y
+            else: self.pending[id(o)] = y
+        self.x, self.grad = x, torch.is_grad_enabled()
+        return mine
+
+
+class _SharedInput(SharedInput):
+    "Patched LoRA siblings: `run` computes them as one `LoRAGroupFunction` node."
+
     def run(self, m, x):
         "Compute every member on `x` and return `m`'s output; None when some member cannot take the fused path now."
-        self.x, self.pending = None, {}
+        self.clear()
         if not all(_fusable_now(o, x) for o in self.members): return None
         qss, Ws, bs, As, Bs, ss = [], [], [], [], [], []
         for o in self.members:
@@ -393,12 +411,7 @@ class _SharedInput:
         with torch.autocast(dev, enabled=False):
             ys = LoRAGroupFunction.apply(x.to(cdt), len(Ws), tuple(qss), tuple(ss), *Ws, *bs, *As, *Bs)
         if m._ftlab_4bit: ys = tuple(y.to(x.dtype) for y in ys)     # like bnb's Linear4bit: out in the input's dtype
-        mine = None
-        for o, y in zip(self.members, ys):
-            if o is m: mine = y
-            else: self.pending[id(o)] = y
-        self.x, self.grad = x, torch.is_grad_enabled()
-        return mine
+        return self.keep(m, x, ys)
 
 
 def _fused_forward(self, x, *args, **kwargs):

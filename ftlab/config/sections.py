@@ -281,7 +281,7 @@ class TRLConfig(Section):
     transformers_continuous_batching_config: dict[str, Any] | None = F(None, "options of transformers' `ContinuousBatchingConfig`, e.g. `{max_memory_percent: 0.5}`")
     use_transformers_paged: bool | None = F(None, "TRL's older name of `use_transformers_continuous_batching`")
     sampler: Choice("auto", "graphs", "generate") | None = F(None, "what samples completions without vLLM: `auto` (ftlab's static-cache sampler with CUDA graphs on a GPU where it applies, else transformers' `generate`), `graphs`, `generate`")
-    sampler_merge_lora: bool | None = F(None, "whether ftlab's sampler computes each LoRA projection with a merged copy of its weight (one matmul a projection; costs the projections' weights once more in GPU memory): by default where the copy takes at most a quarter of the free memory, `true` wherever it fits, `false` never")
+    sampler_merge_lora: bool | None = F(None, "whether ftlab's sampler computes each LoRA projection with a merged copy of its weight (one matmul a projection, q/k/v and gate/up stacked into one each; costs the projections' weights once more in GPU memory): by default where the copy takes at most a quarter of the free memory, `true` wherever it fits, `false` never")
     # rewards
     reward_funcs: list[str] | None = F(None, "reward functions: import paths, `@name` (notebook) or Hub reward-model ids")
     reward_weights: list[float] | None = F(None, "one weight per reward function")

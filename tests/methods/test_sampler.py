@@ -148,14 +148,15 @@ def tiny_lora(**lora):
 def own_forwards(model): return {name: m.__dict__.get("forward") for name, m in model.named_modules()}
 
 
-def test_merged_lora_samples_the_unmerged_completions_with_one_matmul_per_projection():
-    """Generating with the merged copies runs the matmuls of the model without its adapter, and one per LoRA layer to
-    refresh its copy; the completions are the unmerged layers' and the copies are what PEFT's own merge makes."""
+def test_merged_lora_samples_the_unmerged_completions_with_one_matmul_per_input():
+    """Generating with the merged copies runs, per layer, four matmuls (q/k/v stacked, o, gate/up stacked, down) where
+    the model without its adapter runs seven, and one per LoRA layer to refresh its copy; the completions are the
+    unmerged layers' and the copies are what PEFT's own merge makes."""
     from torch.utils._python_dispatch import TorchDispatchMode
     class Matmuls(TorchDispatchMode):
         n = 0
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.n += func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.addmm_)
+            self.n += func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.bmm, torch.ops.aten.addmm, torch.ops.aten.addmm_)
             return func(*args, **(kwargs or {}))
     model = tiny_lora()
     merging, apart = GraphSampler(model, GREEDY, bucket=16), GraphSampler(model, GREEDY, bucket=16, merge=0)
@@ -164,7 +165,10 @@ def test_merged_lora_samples_the_unmerged_completions_with_one_matmul_per_projec
     with Matmuls() as fused: theirs = apart.completions(PROMPTS, 0)
     with Matmuls() as plain, model.disable_adapter(): apart.completions(PROMPTS, 0)
     assert ours == theirs and max(map(len, ours)) > 1
-    assert merged.n == plain.n + len(merging.merged.layers) < fused.n    # no LoRA branch anywhere: prefill, MLPs, steps
+    n_layers = model.config.num_hidden_layers
+    forwards, rest = divmod(plain.n, 7 * n_layers + 1)                 # prefill and steps: each layer's 7 and the head
+    assert rest == 0 and forwards > 1
+    assert merged.n == forwards * (4 * n_layers + 1) + len(merging.merged.layers) < fused.n
     model.merge_adapter()                                                # PEFT's own merge: the same weights
     assert all(torch.equal(buf, m.get_base_layer().weight) for m, buf in merging.merged.layers)
     model.unmerge_adapter()

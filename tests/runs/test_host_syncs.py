@@ -16,6 +16,16 @@ def bench_module(name):
     return mod
 
 
+def test_a_call_site_is_named_as_imported_from_site_packages_a_target_folder_or_the_repository(tmp_path, monkeypatch):
+    "A package installed with `pip install --target DIR` (DIR on sys.path) is named like one in site-packages."
+    hs = bench_module("host_syncs")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    assert hs.import_name(tmp_path / "site" / "trl" / "trainer" / "sft_trainer.py") == "trl/trainer/sft_trainer.py"
+    assert hs.import_name(Path("/x/lib/python3.12/site-packages/transformers/trainer.py")) == "transformers/trainer.py"
+    assert hs.import_name(ROOT / "bench" / "sft_bench.py") == "bench/sft_bench.py"       # not `sft_bench.py` from bench/
+    assert hs.import_name(Path("/elsewhere/a/b.py")) == "a/b.py"
+
+
 def test_the_counter_sees_what_reads_a_value_or_a_data_dependent_shape_and_nothing_else():
     hs = bench_module("host_syncs")
     t = torch.arange(-3.0, 5.0)
