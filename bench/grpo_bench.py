@@ -396,7 +396,7 @@ def parse_variant(text: str) -> tuple[str, tuple]:
 def render(rows: list[dict], command: str) -> str:
     ok = [r for r in rows if r.get("status") == "ok"]
     ref = next((r for r in ok if r["row"] == "trl"), None)
-    r0 = rows[0] if rows else {}
+    r0 = ok[0] if ok else (rows[0] if rows else {})     # a row that timed out has no settings to show
     v = r0.get("versions") or {}
     lines = [f"### `{command}`", "",
              f"{r0.get('model')} {r0.get('mode')}, {r0.get('device')} ({v.get('gpu') or 'cpu'}); {r0.get('prompts_per_step')} "

@@ -18,6 +18,7 @@ on the host itself (`torch.tensor(floats).mean().item()`) is, so a CPU count is 
 own per-step meter is counted apart. `torch.cuda.synchronize()` itself is not an operator and is not counted.
 """
 from __future__ import annotations
+import functools
 import sys
 from collections import Counter
 from pathlib import Path
@@ -28,9 +29,28 @@ SCALAR_OPS = {"_local_scalar_dense", "is_nonzero", "equal"}
 SHAPE_OPS = {"nonzero", "masked_select", "unique", "_unique", "_unique2", "unique_consecutive", "unique_dim",
              "nonzero_static"}
 COPY_OPS = {"_to_copy", "copy_"}
-SKIP_PARTS = ("/torch/", "/contextlib.py", "/functools.py", "/host_syncs.py", "/typing.py")
+SKIP_PARTS = ("/contextlib.py", "/functools.py", "/host_syncs.py", "/typing.py")
 LIBRARIES = ("trl", "transformers", "peft", "accelerate", "unsloth", "unsloth_zoo", "liger_kernel", "bitsandbytes", "ftlab",
              "kernels", "datasets")
+
+
+@functools.lru_cache(maxsize=None)
+def torch_dirs() -> tuple[str, ...]:
+    """PyTorch's own package folder as code names it (and with links resolved), with a trailing separator: a folder
+    that only has `torch` in its path, like a virtual environment under `/opt/torch/`, is not PyTorch."""
+    import os, torch
+    here = os.path.dirname(os.path.abspath(torch.__file__))
+    return tuple(dict.fromkeys(d + os.sep for d in (here, os.path.realpath(here))))
+
+
+def torch_part(filename: str) -> str | None:
+    "The path of `filename` inside PyTorch's package, or None when it is not PyTorch's."
+    return next((filename[len(d):] for d in torch_dirs() if filename.startswith(d)), None)
+
+
+def in_torch(filename: str) -> bool:
+    "Frames that are PyTorch's or plumbing (context managers, decorators, this counter): the call site is above them."
+    return torch_part(filename) is not None or any(p in filename for p in SKIP_PARTS)
 
 
 def import_name(path: Path) -> str:
@@ -44,7 +64,7 @@ def import_name(path: Path) -> str:
 
 def where(frame) -> tuple[str, str]:
     "(source, `file:line function`) of the innermost frame outside PyTorch: source names the package it belongs to."
-    while frame is not None and any(p in frame.f_code.co_filename for p in SKIP_PARTS):
+    while frame is not None and in_torch(frame.f_code.co_filename):
         frame = frame.f_back
     if frame is None: return "torch", "(inside PyTorch)"
     path = Path(frame.f_code.co_filename).resolve()
@@ -56,12 +76,13 @@ def where(frame) -> tuple[str, str]:
 
 # On a CPU, calls under these read host tensors in a GPU run too: the data loader's batches, and the step counters
 # of PyTorch's optimizers, which live on the host unless the optimizer is fused or capturable (and then are not read).
-HOST_ONLY_PARTS = ("/torch/utils/data/", "/torch/optim/")
+HOST_ONLY_PARTS = ("utils/data/", "optim/")
 
 
 def host_only(frame) -> bool:
     while frame is not None:
-        if any(p in frame.f_code.co_filename for p in HOST_ONLY_PARTS): return True
+        inside = torch_part(frame.f_code.co_filename)
+        if inside is not None and inside.startswith(HOST_ONLY_PARTS): return True
         frame = frame.f_back
     return False
 

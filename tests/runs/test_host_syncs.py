@@ -24,6 +24,11 @@ def test_a_call_site_is_named_as_imported_from_site_packages_a_target_folder_or_
     assert hs.import_name(Path("/x/lib/python3.12/site-packages/transformers/trainer.py")) == "transformers/trainer.py"
     assert hs.import_name(ROOT / "bench" / "sft_bench.py") == "bench/sft_bench.py"       # not `sft_bench.py` from bench/
     assert hs.import_name(Path("/elsewhere/a/b.py")) == "a/b.py"
+    # PyTorch's own frames are passed over on the way to the call site; a library in a virtual environment that has
+    # `torch` in its path (`/opt/torch/.venv/...`) is not PyTorch
+    torch_file = str(Path(torch.__file__).parent / "nn" / "modules" / "module.py")
+    assert hs.in_torch(torch_file) and hs.torch_part(torch_file) == "nn/modules/module.py"
+    assert not hs.in_torch("/opt/torch/.venv/lib/python3.12/site-packages/transformers/trainer.py")
 
 
 def test_the_counter_sees_what_reads_a_value_or_a_data_dependent_shape_and_nothing_else():
