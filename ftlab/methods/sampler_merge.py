@@ -174,7 +174,7 @@ def merged_lora(model, share: float = MERGE_SHARE, free_memory=None) -> tuple[Me
     for parent in model.modules():
         for names in SHARED_INPUT:
             members = [getattr(parent, n, None) for n in names]
-            if not all(id(m) in at for m in members): continue
+            if not all(id(m) in at and id(m) not in bufs for m in members): continue
             if len({(shapes[at[id(m)]][0][1], shapes[at[id(m)]][1], device(m)) for m in members}) != 1: continue
             rows, d = [shapes[at[id(m)]][0][0] for m in members], shapes[at[id(members[0])]][1]
             W = torch.empty((sum(rows), shapes[at[id(members[0])]][0][1]), dtype=d, device=device(members[0]))
