@@ -432,6 +432,9 @@ def run_rows(a) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     command = "python bench/grpo_bench.py " + shlex.join(sys.argv[1:])
     rows, skipped, t_start = [], [], time.time()
+    if not a.in_process:      # build the model folder once, before the rows, so no row's time limit pays for it
+        _, built = sb.ensure_model(a.model, a.cache, a.device)
+        if built: print(f"[grpo-bench] {a.model}: model folder built in {time.time() - t_start:.0f} s", flush=True)
     for name in names + list(variants):
         args = child_args(a, name, variants.get(name))
         left = a.budget_s - (time.time() - t_start)
