@@ -168,16 +168,17 @@ def merged_lora(model, share: float = MERGE_SHARE, free_memory=None) -> tuple[Me
     free = (free_memory or device_free_bytes)(fit[0].get_base_layer().weight.device)
     if free is not None and need > share * free:
         return None, f"LoRA kept apart while sampling: the merged copy would take {size_text(need)} of {size_text(free)} free"
-    at = {id(m): i for i, m in enumerate(fit)}
+    shape_of = {id(m): sd for m, sd in zip(fit, shapes)}      # ((out, in), dtype) of each merged layer
     device = lambda m: m.get_base_layer().weight.device
     bufs, stacks = {}, []
     for parent in model.modules():
         for names in SHARED_INPUT:
             members = [getattr(parent, n, None) for n in names]
-            if not all(id(m) in at and id(m) not in bufs for m in members): continue
-            if len({(shapes[at[id(m)]][0][1], shapes[at[id(m)]][1], device(m)) for m in members}) != 1: continue
-            rows, d = [shapes[at[id(m)]][0][0] for m in members], shapes[at[id(members[0])]][1]
-            W = torch.empty((sum(rows), shapes[at[id(members[0])]][0][1]), dtype=d, device=device(members[0]))
+            if not all(id(m) in shape_of and id(m) not in bufs for m in members): continue
+            if len({(shape_of[id(m)][0][1], shape_of[id(m)][1], device(m)) for m in members}) != 1: continue
+            (_, k), d = shape_of[id(members[0])]
+            rows = [shape_of[id(m)][0][0] for m in members]
+            W = torch.empty((sum(rows), k), dtype=d, device=device(members[0]))
             biased = any(m.get_base_layer().bias is not None for m in members)
             bias = torch.empty(sum(rows), dtype=d, device=W.device) if biased else None
             bufs.update((id(m), block) for m, block in zip(members, W.split(rows)))
@@ -185,7 +186,7 @@ def merged_lora(model, share: float = MERGE_SHARE, free_memory=None) -> tuple[Me
     for m, (s, d) in zip(fit, shapes):
         if id(m) not in bufs: bufs[id(m)] = torch.empty(s, dtype=d, device=device(m))
     mlps = [(mlp, mlp.down_proj) for mlp in model.modules()
-            if type(mlp).__name__ in SWIGLU_MLPS and id(getattr(mlp, "down_proj", None)) in at]
+            if type(mlp).__name__ in SWIGLU_MLPS and id(getattr(mlp, "down_proj", None)) in shape_of]
     stacked = f"; {len(stacks)} groups reading one input (q/k/v, gate/up) as one matmul each" if stacks else ""
     return MergedLoRA([(m, bufs[id(m)]) for m in fit], mlps, stacks), (
         f"LoRA merged into a {size_text(need)} copy of the projections for sampling{stacked}" + (f"; {apart}" if apart else ""))
